@@ -1,0 +1,37 @@
+"""lifecycle: FastAPI-style yield dependencies for workers, CLI tasks and Celery.
+
+Each job is treated as a request: its dependency tree is set up, injected and torn down
+in reverse order, with per-job and per-worker scopes."""
+
+from ._context import JobContext
+from ._errors import (
+    DependencyError,
+    JobTimeout,
+    LifecycleError,
+    PayloadError,
+    Reject,
+    Retry,
+    TeardownTimeout,
+)
+from ._job import Job, job
+from ._markers import Depends, dependency
+from ._runtime import Runtime, run
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DependencyError",
+    "Depends",
+    "Job",
+    "JobContext",
+    "JobTimeout",
+    "LifecycleError",
+    "PayloadError",
+    "Reject",
+    "Retry",
+    "Runtime",
+    "TeardownTimeout",
+    "dependency",
+    "job",
+    "run",
+]

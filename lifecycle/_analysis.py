@@ -1,0 +1,226 @@
+"""Reading a callable once: what kind of provider it is and where each of its parameters
+comes from. Everything here runs at decoration or plan-compile time, never per job."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import inspect
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, get_args, get_origin
+
+from ._context import JobContext
+from ._errors import DependencyError
+from ._markers import DependencyOptions, Depends, options_of
+
+EMPTY: Any = inspect.Parameter.empty
+
+
+class Kind(enum.IntEnum):
+    FUNCTION = 0
+    COROUTINE = 1
+    GENERATOR = 2
+    ASYNC_GENERATOR = 3
+
+
+class Source(enum.IntEnum):
+    DEPENDS = 0  # filled by another provider
+    CONTEXT = 1  # the JobContext
+    NAMED = 2  # by name from the job's arguments (or the parameter's default)
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    name: str
+    kind: inspect._ParameterKind
+    source: Source
+    default: Any
+    annotation: Any
+    depends: Depends | None = None
+
+    @property
+    def positional_only(self) -> bool:
+        return self.kind is inspect.Parameter.POSITIONAL_ONLY
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Provider:
+    """A callable as the engine sees it: how to call it and what it needs."""
+
+    call: Callable[..., Any]
+    kind: Kind
+    options: DependencyOptions
+    params: tuple[Param, ...]
+    label: str
+
+    @property
+    def scope(self) -> str:
+        return self.options.scope
+
+    @property
+    def is_generator(self) -> bool:
+        return self.kind >= Kind.GENERATOR
+
+
+def label(call: Any) -> str:
+    """``module:qualname`` for error messages, readable for partials and instances."""
+    if isinstance(call, functools.partial):
+        return f"partial({label(call.func)})"
+    qualname = getattr(call, "__qualname__", None)
+    if not isinstance(qualname, str):  # a callable instance
+        cls = type(call)
+        return f"{cls.__module__}:{cls.__qualname__}() instance"
+    return f"{getattr(call, '__module__', None) or '?'}:{qualname}"
+
+
+def _code_kind(obj: Any) -> Kind | None:
+    if inspect.isasyncgenfunction(obj):
+        return Kind.ASYNC_GENERATOR
+    if inspect.iscoroutinefunction(obj):
+        return Kind.COROUTINE
+    if inspect.isgeneratorfunction(obj):
+        return Kind.GENERATOR
+    return None
+
+
+def detect_kind(call: Any) -> Kind:
+    """Classify a callable, looking through partials, ``__wrapped__`` chains and
+    ``__call__``. The outermost level that declares itself async or generator wins, so
+    an ``async def`` wrapper around a sync function is still a coroutine."""
+    obj = call
+    seen: set[int] = set()
+    while id(obj) not in seen:
+        seen.add(id(obj))
+        found = _code_kind(obj)
+        if found is not None:
+            return found
+        if inspect.isclass(obj):
+            return Kind.FUNCTION  # calling a class constructs an instance
+        if isinstance(obj, functools.partial):
+            obj = obj.func
+            continue
+        wrapped = getattr(obj, "__wrapped__", None)
+        if wrapped is not None:
+            obj = wrapped
+            continue
+        if inspect.isfunction(obj) or inspect.ismethod(obj) or inspect.isbuiltin(obj):
+            return Kind.FUNCTION
+        dunder = getattr(type(obj), "__call__", None)  # noqa: B004 - the class attribute, not callable()
+        if dunder is None:
+            break
+        obj = dunder
+    return Kind.FUNCTION
+
+
+def _signature(call: Callable[..., Any], owner: str) -> inspect.Signature:
+    try:
+        return inspect.signature(call, eval_str=True)
+    except NameError:
+        # A forward reference that cannot be resolved (e.g. a TYPE_CHECKING import):
+        # fall back to raw annotations and resolve each parameter on its own.
+        sig = inspect.signature(call)
+    except (TypeError, ValueError) as exc:
+        raise DependencyError(f"cannot read the signature of {owner}: {exc}") from exc
+    globalns = getattr(inspect.unwrap(_unpartial(call)), "__globals__", {})
+    params = []
+    for p in sig.parameters.values():
+        ann = p.annotation
+        if isinstance(ann, str):
+            try:
+                ann = eval(ann, globalns)
+            except Exception as exc:
+                if "Depends" in ann or "JobContext" in ann:
+                    raise DependencyError(
+                        f"{owner}, parameter {p.name!r}: cannot resolve annotation {ann!r} ({exc})"
+                    ) from exc
+        params.append(p.replace(annotation=ann))
+    return sig.replace(parameters=params)
+
+
+def _unpartial(call: Any) -> Any:
+    while isinstance(call, functools.partial):
+        call = call.func
+    if not (inspect.isfunction(call) or inspect.ismethod(call) or inspect.isclass(call)):
+        dunder = getattr(type(call), "__call__", None)  # noqa: B004 - the class attribute
+        if dunder is not None and not isinstance(call, type):
+            return dunder
+    return call
+
+
+def _depends_in(annotation: Any) -> tuple[Any, Depends | None]:
+    """Split ``Annotated[T, Depends(f)]`` into ``(T, Depends)``; the last marker wins."""
+    if get_origin(annotation) is Annotated:
+        base, *extras = get_args(annotation)
+        marks = [e for e in extras if isinstance(e, Depends)]
+        return base, (marks[-1] if marks else None)
+    return annotation, None
+
+
+def _is_context(annotation: Any) -> bool:
+    return annotation is JobContext or (inspect.isclass(annotation) and issubclass(annotation, JobContext))
+
+
+def classify(name: str, p: inspect.Parameter, owner: str) -> Param | None:
+    """Decide where one parameter's value comes from; ``None`` for ``*args``/``**kwargs``."""
+    if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+        return None
+    base, marker = _depends_in(p.annotation)
+    default = p.default
+    if isinstance(default, Depends):
+        if marker is not None:
+            raise DependencyError(
+                f"{owner}, parameter {name!r}: Depends given both in Annotated[...] and as the default value; use one"
+            )
+        marker, default = default, EMPTY
+    if marker is not None:
+        if marker.dependency is None:
+            if base is EMPTY or not callable(base) or base is Any:
+                raise DependencyError(
+                    f"{owner}, parameter {name!r}: Depends() without an argument needs a "
+                    f"callable type annotation, got {base!r}"
+                )
+            marker = Depends(base, use_cache=marker.use_cache)
+        return Param(name, p.kind, Source.DEPENDS, default, base, marker)
+    if _is_context(base):
+        return Param(name, p.kind, Source.CONTEXT, default, base)
+    return Param(name, p.kind, Source.NAMED, default, base)
+
+
+_cache: weakref.WeakKeyDictionary[Any, Provider] = weakref.WeakKeyDictionary()
+_strong_cache: dict[Any, Provider] = {}
+
+
+def analyse(call: Callable[..., Any]) -> Provider:
+    """Analyse a provider once; results are cached per callable."""
+    try:
+        hit = _cache.get(call)
+    except TypeError:  # unhashable or not weak-referenceable
+        hit = _cached_strong(call)
+    if hit is not None:
+        return hit
+    owner = label(call)
+    if not callable(call):
+        raise DependencyError(f"{owner} is not callable")
+    sig = _signature(call, owner)
+    params = tuple(
+        param for name, p in sig.parameters.items() if (param := classify(name, p, f"dependency {owner}")) is not None
+    )
+    provider = Provider(call, detect_kind(call), options_of(call), params, owner)
+    try:
+        _cache[call] = provider
+    except TypeError:
+        try:
+            if len(_strong_cache) < 4096:
+                _strong_cache[call] = provider
+        except TypeError:
+            pass
+    return provider
+
+
+def _cached_strong(call: Any) -> Provider | None:
+    try:
+        return _strong_cache.get(call)
+    except TypeError:
+        return None

@@ -1,0 +1,33 @@
+"""What a job knows about itself: injected wherever a parameter is annotated
+``JobContext``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+
+class JobContext:
+    """Identity of one attempt of one job. ``log`` is bound lazily: most jobs never
+    touch it, and binding a structlog logger is not free."""
+
+    __slots__ = ("_log", "args", "attempt", "id", "name")
+
+    def __init__(self, id: str, name: str, attempt: int, args: Mapping[str, Any]) -> None:
+        self.id = id
+        self.name = name
+        self.attempt = attempt
+        self.args = args
+        self._log: Any = None
+
+    @property
+    def log(self) -> Any:
+        """A structlog logger bound to ``job_id``, ``job`` and ``attempt``."""
+        if self._log is None:
+            self._log = structlog.get_logger("lifecycle").bind(job=self.name, job_id=self.id, attempt=self.attempt)
+        return self._log
+
+    def __repr__(self) -> str:
+        return f"JobContext(id={self.id!r}, name={self.name!r}, attempt={self.attempt})"

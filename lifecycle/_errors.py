@@ -1,0 +1,42 @@
+"""The public error types. Every one derives from :class:`LifecycleError` so callers
+can catch the library's failures in one place without swallowing their own."""
+
+from __future__ import annotations
+
+
+class LifecycleError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class DependencyError(LifecycleError):
+    """The dependency graph is invalid, or a dependency broke the generator protocol."""
+
+
+class PayloadError(LifecycleError):
+    """A job was given arguments that do not match its parameters."""
+
+
+class JobTimeout(LifecycleError):
+    """A job overran its ``@job(timeout=...)``."""
+
+
+class TeardownTimeout(JobTimeout):
+    """A dependency's code after ``yield`` overran the runtime's ``teardown_timeout``."""
+
+
+class Retry(LifecycleError):
+    """Raised by a job or a dependency: run the job again if attempts remain."""
+
+    def __init__(self, delay: float | None = None) -> None:
+        if delay is not None and delay < 0:
+            raise ValueError(f"Retry delay must be >= 0, got {delay!r}")
+        self.delay = delay
+        super().__init__(f"retry requested (delay={delay!r})")
+
+
+class Reject(LifecycleError):
+    """Raised by a job or a dependency: fail now, never retry."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)

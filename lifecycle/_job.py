@@ -1,0 +1,190 @@
+"""``@job``: a function plus its options and its analysed, validated graph."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from ._analysis import EMPTY, Param, Provider, Source, analyse, label
+from ._errors import DependencyError, PayloadError
+from ._markers import Depends
+from ._plan import Plan, compile_plan
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Job(Generic[P, R]):
+    """A job function with its options. Calling it calls the function itself, with no
+    injection, so unit tests can pass fakes directly."""
+
+    fn: Callable[P, R]
+    name: str
+    retries: int
+    timeout: float | None
+    dependencies: tuple[Depends, ...]
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        *,
+        name: str | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        dependencies: Iterable[Depends] = (),
+    ) -> None:
+        if isinstance(fn, Job):
+            fn = fn.fn
+        if not callable(fn):
+            raise TypeError(f"@job decorates a callable, got {fn!r}")
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ValueError(f"@job retries must be an int >= 0, got {retries!r}")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ValueError(f"@job timeout must be a positive number of seconds, got {timeout!r}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", None) or label(fn)
+        self.retries = retries
+        self.timeout = float(timeout) if timeout is not None else None
+        self.dependencies = tuple(dependencies)
+        functools.update_wrapper(self, fn)
+        self.body: Provider = _body(fn, self.name)
+        self.params: tuple[Param, ...] = tuple(p for p in self.body.params if p.source is Source.NAMED)
+        self.payload_names = frozenset(p.name for p in self.params)
+        self._positional = tuple(p.name for p in self.params if p.kind is not inspect.Parameter.KEYWORD_ONLY)
+        self._required = tuple(p.name for p in self.params if p.default is EMPTY)
+        self._defaults = tuple((p.name, p.default) for p in self.params if p.default is not EMPTY)
+        self.accepts_extra = _accepts_var_keyword(fn)
+        # Validate now: a broken graph is reported where the job is declared.
+        self.plan: Plan = self.compile((), {})
+
+    def compile(self, runtime_dependencies: Iterable[Depends], overrides: Mapping[Any, Any]) -> Plan:
+        return compile_plan(
+            self.name, self.body, self.payload_names, (*runtime_dependencies, *self.dependencies), overrides
+        )
+
+    def bind_payload(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Match call arguments to the job's parameters; every problem in one error."""
+        problems: list[str] = []
+        bound: dict[str, Any] = {}
+        extras: dict[str, Any] | None = None
+        if len(args) > len(self._positional):
+            problems.append(
+                f"takes {len(self._positional)} positional argument(s) "
+                f"({', '.join(self._positional) or 'none'}) but {len(args)} were given"
+            )
+        for name, value in zip(self._positional, args, strict=False):
+            bound[name] = value
+        unexpected = []
+        for key, value in kwargs.items():
+            if key in self.payload_names:
+                if key in bound:
+                    problems.append(f"got multiple values for argument {key!r}")
+                bound[key] = value
+            elif self.accepts_extra:
+                if extras is None:
+                    extras = {}
+                extras[key] = value
+            else:
+                unexpected.append(key)
+        if unexpected:
+            problems.append(
+                "unexpected argument(s) "
+                + ", ".join(map(repr, unexpected))
+                + f" (the job takes: {', '.join(sorted(self.payload_names)) or 'no arguments'})"
+            )
+        missing = [name for name in self._required if name not in bound]
+        if missing:
+            problems.append("missing argument(s) " + ", ".join(map(repr, missing)))
+        if problems:
+            raise PayloadError(f"job {self.name!r} ({label(self.fn)}): " + "; ".join(problems))
+        for name, default in self._defaults:
+            if name not in bound:
+                bound[name] = default
+        return bound, extras
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Job {self.name!r} {label(self.fn)}>"
+
+
+def _body(fn: Callable[..., Any], name: str) -> Provider:
+    try:
+        body = analyse(fn)
+    except DependencyError as exc:
+        raise DependencyError(f"job {name!r}: {exc}") from exc
+    if body.is_generator:
+        raise DependencyError(
+            f"job {name!r} ({body.label}) is a generator function; a job returns its result, "
+            "resources with teardown belong in a dependency"
+        )
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # pragma: no cover - analyse() already read it
+        return body
+    for p in sig.parameters.values():
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            raise DependencyError(
+                f"job {name!r} ({body.label}), parameter {'*' + p.name!r}: jobs take named "
+                "arguments (a payload), *args is not supported"
+            )
+    return body
+
+
+def _accepts_var_keyword(fn: Callable[..., Any]) -> bool:
+    try:
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+@overload
+def job(fn: Callable[P, R], /) -> Job[P, R]: ...
+@overload
+def job(
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    timeout: float | None = None,
+    dependencies: Iterable[Depends] = (),
+) -> Callable[[Callable[P, R]], Job[P, R]]: ...
+
+
+def job(
+    fn: Callable[P, R] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    timeout: float | None = None,
+    dependencies: Iterable[Depends] = (),
+) -> Job[P, R] | Callable[[Callable[P, R]], Job[P, R]]:
+    """Declare a job; its dependency graph is built and validated right here."""
+
+    def decorate(target: Callable[P, R]) -> Job[P, R]:
+        return Job(target, name=name, retries=retries, timeout=timeout, dependencies=dependencies)
+
+    return decorate(fn) if fn is not None else decorate
+
+
+_adhoc: weakref.WeakKeyDictionary[Any, Job[..., Any]] = weakref.WeakKeyDictionary()
+
+
+def as_job(fn: Callable[..., Any]) -> Job[..., Any]:
+    """A plain callable handed to ``Runtime.run`` becomes a ``Job`` once, then cached."""
+    if isinstance(fn, Job):
+        return fn
+    try:
+        found = _adhoc.get(fn)
+    except TypeError:
+        return Job(fn)
+    if found is None:
+        found = Job(fn)
+        _adhoc[fn] = found
+    return found

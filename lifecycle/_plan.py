@@ -1,0 +1,232 @@
+"""Compiling a job's dependency graph into a flat plan.
+
+A plan is the depth-first setup order with every argument already resolved to a slot,
+a job argument, the JobContext or a worker-scoped node, so that running a job is a
+straight loop with no signature inspection. All graph errors are found here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._analysis import EMPTY, Param, Provider, Source, analyse, label
+from ._errors import DependencyError
+from ._markers import Depends
+
+# Argument sources. A source is a pair (tag, ref).
+SLOT = 0  # ref: index of a value set up earlier in this job
+PAYLOAD = 1  # ref: name of a job argument
+CONTEXT = 2  # ref: unused
+CONST = 3  # ref: the value (a default needed to keep positional-only arguments in place)
+WORKER = 4  # ref: a WorkerNode (only inside worker nodes)
+
+ArgSource = tuple[int, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Arguments:
+    """How to build ``(*args, **kwargs)`` for one call."""
+
+    positional: tuple[ArgSource, ...] = ()
+    keyword: tuple[tuple[str, ArgSource], ...] = ()
+
+
+@dataclass(eq=False, slots=True)
+class WorkerNode:
+    """A worker-scoped provider; its arguments can only be other worker nodes."""
+
+    provider: Provider
+    key: Hashable
+    arguments: Arguments = field(default_factory=Arguments)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """Set up one job-scoped value (or fetch one worker-scoped value) into ``slot``."""
+
+    provider: Provider
+    slot: int
+    arguments: Arguments
+    worker: WorkerNode | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    job_name: str
+    job_label: str
+    body: Provider
+    body_arguments: Arguments
+    steps: tuple[Step, ...]
+    slots: int
+
+
+def cache_key(call: Callable[..., Any]) -> Hashable:
+    """The per-job cache identity of a provider: the callable itself when hashable."""
+    try:
+        hash(call)
+    except TypeError:
+        return ("unhashable", id(call))
+    return call
+
+
+class _Builder:
+    def __init__(self, job_name: str, job_label: str, overrides: Mapping[Any, Any], payload: frozenset[str]) -> None:
+        self.job_name = job_name
+        self.job_label = job_label
+        self.overrides = overrides
+        self.payload = payload
+        self.steps: list[Step] = []
+        self.cached: dict[Hashable, int] = {}
+        self.workers: dict[Hashable, WorkerNode] = {}
+        self.worker_slots: dict[Hashable, int] = {}
+
+    # -- messages -------------------------------------------------------------------
+    def where(self, path: Sequence[str], param: str | None = None) -> str:
+        text = f"job {self.job_name!r} ({self.job_label})"
+        if len(path) > 1:
+            text += ", dependency " + " -> ".join(path[1:])
+        if param is not None:
+            text += f", parameter {param!r}"
+        return text
+
+    def resolve(self, call: Callable[..., Any], path: Sequence[str], param: str) -> Provider:
+        replacement = self.overrides.get(call, call) if _hashable(call) else call
+        try:
+            return analyse(replacement)
+        except DependencyError as exc:
+            raise DependencyError(f"{self.where(path, param)}: {exc}") from exc
+
+    # -- job scope --------------------------------------------------------------------
+    def depend(self, marker: Depends, path: tuple[str, ...], keys: tuple[Hashable, ...], param: str) -> ArgSource:
+        assert marker.dependency is not None
+        provider = self.resolve(marker.dependency, path, param)
+        key = cache_key(provider.call)
+        if key in keys:
+            cycle = " -> ".join((*path[1:], provider.label)[list(keys).index(key) :])
+            raise DependencyError(f"dependency cycle in job {self.job_name!r} ({self.job_label}): {cycle}")
+        if provider.scope == "worker":
+            slot = self.worker_slots.get(key)
+            if slot is None:
+                node = self.worker(provider, (*path, provider.label), (*keys, key))
+                slot = self.worker_slots[key] = len(self.steps)
+                self.steps.append(Step(provider, slot, Arguments(), node))
+            return (SLOT, slot)
+        if marker.use_cache and key in self.cached:
+            return (SLOT, self.cached[key])
+        args = self.arguments(provider.params, (*path, provider.label), (*keys, key))
+        slot = len(self.steps)
+        self.steps.append(Step(provider, slot, args))
+        if marker.use_cache:
+            self.cached[key] = slot
+        return (SLOT, slot)
+
+    def arguments(self, params: Sequence[Param], path: tuple[str, ...], keys: tuple[Hashable, ...]) -> Arguments:
+        positional: list[ArgSource] = []
+        keyword: list[tuple[str, ArgSource]] = []
+        pending_defaults: list[ArgSource] = []
+        for p in params:
+            source: ArgSource | None
+            if p.source is Source.DEPENDS:
+                assert p.depends is not None
+                source = self.depend(p.depends, path, keys, p.name)
+            elif p.source is Source.CONTEXT:
+                source = (CONTEXT, None)
+            elif p.name in self.payload:
+                source = (PAYLOAD, p.name)
+            elif p.default is not EMPTY:
+                source = None
+            else:
+                raise DependencyError(
+                    f"{self.where(path, p.name)}: cannot be filled: it is not a Depends(...), not "
+                    f"annotated JobContext, has no default, and job {self.job_name!r} has no "
+                    f"argument named {p.name!r}"
+                )
+            if p.positional_only:
+                if source is None:
+                    pending_defaults.append((CONST, p.default))
+                else:
+                    positional.extend(pending_defaults)
+                    pending_defaults.clear()
+                    positional.append(source)
+            elif source is not None:
+                keyword.append((p.name, source))
+        return Arguments(tuple(positional), tuple(keyword))
+
+    # -- worker scope -----------------------------------------------------------------
+    def worker(self, provider: Provider, path: tuple[str, ...], keys: tuple[Hashable, ...]) -> WorkerNode:
+        key = keys[-1]
+        node = self.workers.get(key)
+        if node is not None:
+            return node
+        positional: list[ArgSource] = []
+        keyword: list[tuple[str, ArgSource]] = []
+        for p in provider.params:
+            source: ArgSource | None = None
+            if p.source is Source.DEPENDS:
+                assert p.depends is not None
+                sub = self.resolve(p.depends.dependency, path, p.name)  # type: ignore[arg-type]
+                sub_key = cache_key(sub.call)
+                if sub_key in keys:
+                    cycle = " -> ".join((*path[1:], sub.label)[list(keys).index(sub_key) :])
+                    raise DependencyError(f"dependency cycle in job {self.job_name!r} ({self.job_label}): {cycle}")
+                if sub.scope != "worker":
+                    raise DependencyError(
+                        f"{self.where(path, p.name)}: worker-scoped {provider.label} cannot depend "
+                        f"on job-scoped {sub.label}; make it @dependency(scope='worker') or move "
+                        "the dependency to job scope"
+                    )
+                source = (WORKER, self.worker(sub, (*path, sub.label), (*keys, sub_key)))
+            elif p.source is Source.CONTEXT:
+                raise DependencyError(
+                    f"{self.where(path, p.name)}: worker-scoped {provider.label} cannot take the "
+                    "JobContext; it outlives every job"
+                )
+            elif p.default is EMPTY:
+                raise DependencyError(
+                    f"{self.where(path, p.name)}: worker-scoped {provider.label} cannot take job "
+                    "arguments (it is created once for all jobs); give the parameter a default "
+                    "or make it a Depends(...)"
+                )
+            if p.positional_only:
+                positional.append(source if source is not None else (CONST, p.default))
+            elif source is not None:
+                keyword.append((p.name, source))
+        node = WorkerNode(provider, key, Arguments(tuple(positional), tuple(keyword)))
+        self.workers[key] = node
+        return node
+
+
+def _hashable(call: Any) -> bool:
+    try:
+        hash(call)
+    except TypeError:
+        return False
+    return True
+
+
+def compile_plan(
+    job_name: str,
+    body: Provider,
+    payload: frozenset[str],
+    extra: Sequence[Depends],
+    overrides: Mapping[Any, Any],
+) -> Plan:
+    """Build the plan for one job. ``extra`` are the value-less dependencies
+    (``Runtime(dependencies=...)`` first, then ``@job(dependencies=...)``)."""
+    job_label = label(body.call)
+    builder = _Builder(job_name, job_label, overrides, payload)
+    root = (job_label,)
+    keys = (cache_key(body.call),)
+    for index, marker in enumerate(extra):
+        if not isinstance(marker, Depends):
+            raise DependencyError(
+                f"job {job_name!r} ({job_label}): dependencies[{index}] must be Depends(...), got {marker!r}"
+            )
+        if marker.dependency is None:
+            raise DependencyError(
+                f"job {job_name!r} ({job_label}): dependencies[{index}] is Depends() without a callable"
+            )
+        builder.depend(marker, root, keys, f"dependencies[{index}]")
+    body_arguments = builder.arguments(body.params, root, keys)
+    return Plan(job_name, job_label, body, body_arguments, tuple(builder.steps), len(builder.steps))

@@ -1,0 +1,267 @@
+"""The Runtime: owns the worker scope and the overrides, and runs jobs (one job = one
+request), with retries and timeouts."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import uuid
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from types import MappingProxyType, TracebackType
+from typing import Any, TypeVar, overload
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+
+from ._context import JobContext
+from ._engine import execute
+from ._errors import DependencyError, LifecycleError, PayloadError, Reject, Retry
+from ._job import Job, as_job
+from ._markers import Depends
+from ._plan import Plan, WorkerNode
+from ._worker_scope import WorkerScope
+
+T = TypeVar("T")
+
+_NOT_RETRIED = (Reject, PayloadError, DependencyError)
+
+
+def logger() -> Any:
+    return structlog.get_logger("lifecycle")
+
+
+class Overrides(dict[Any, Any]):
+    """``{original: replacement}``; a plain dict that counts its changes, so compiled
+    plans are reused until the overrides actually change."""
+
+    version = 0
+
+    def _touch(self) -> None:
+        self.version += 1
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if not callable(value):
+            raise TypeError(f"override for {key!r} must be callable, got {value!r}")
+        super().__setitem__(key, value)
+        self._touch()
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        self._touch()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __ior__(self, other: Any) -> Overrides:  # type: ignore[misc]
+        self.update(other)
+        return self
+
+    def pop(self, *args: Any) -> Any:
+        self._touch()
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[Any, Any]:
+        self._touch()
+        return super().popitem()
+
+    def clear(self) -> None:
+        super().clear()
+        self._touch()
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+
+class Runtime:
+    """Runs jobs; holds worker-scoped dependencies from ``async with`` entry to exit."""
+
+    def __init__(
+        self,
+        *,
+        dependency_overrides: Mapping[Any, Any] | None = None,
+        teardown_timeout: float | None = 30.0,
+        dependencies: Iterable[Depends] = (),
+    ) -> None:
+        if teardown_timeout is not None and teardown_timeout <= 0:
+            raise ValueError(f"teardown_timeout must be positive or None, got {teardown_timeout!r}")
+        self.teardown_timeout = teardown_timeout
+        self.dependencies = tuple(dependencies)
+        for index, marker in enumerate(self.dependencies):
+            if not isinstance(marker, Depends) or marker.dependency is None:
+                raise DependencyError(f"Runtime(dependencies=...)[{index}] must be Depends(callable), got {marker!r}")
+        self._overrides = Overrides()
+        self._overrides.update(dependency_overrides or {})
+        self._plans: dict[Job[..., Any], tuple[int, Plan]] = {}
+        self._scope = WorkerScope(teardown_timeout)
+        self._task_group: TaskGroup | None = None
+        self._open = False
+
+    # -- overrides ----------------------------------------------------------------------
+    @property
+    def dependency_overrides(self) -> dict[Any, Any]:
+        return self._overrides
+
+    @dependency_overrides.setter
+    def dependency_overrides(self, value: Mapping[Any, Any]) -> None:
+        fresh = Overrides()
+        fresh.update(value)
+        fresh.version = self._overrides.version + 1
+        self._overrides = fresh
+
+    @contextlib.contextmanager
+    def override(self, original: Callable[..., Any], replacement: Callable[..., Any]) -> Iterator[None]:
+        """Replace ``original`` for the ``with`` block, then restore the previous state."""
+        overrides = self._overrides
+        had = original in overrides
+        previous = overrides.get(original)
+        overrides[original] = replacement
+        try:
+            yield
+        finally:
+            if had:
+                overrides[original] = previous
+            else:
+                overrides.pop(original, None)
+
+    def plan(self, fn: Callable[..., Any]) -> Plan:
+        """The compiled plan ``fn`` runs with here (after overrides and runtime deps)."""
+        job = as_job(fn)
+        version = self._overrides.version
+        cached = self._plans.get(job)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        if not self._overrides and not self.dependencies:
+            plan = job.plan
+        else:
+            plan = job.compile(self.dependencies, self._overrides)
+        self._plans[job] = (version, plan)
+        return plan
+
+    # -- lifetime -----------------------------------------------------------------------
+    async def __aenter__(self) -> Runtime:
+        if self._open:
+            raise LifecycleError("this Runtime is already open")
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._scope = WorkerScope(self.teardown_timeout)
+        self._scope.attach(self._task_group)
+        self._open = True
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        self._open = False
+        task_group, self._task_group = self._task_group, None
+        try:
+            errors = await self._scope.close(logger())
+        finally:
+            assert task_group is not None
+            await task_group.__aexit__(exc_type, exc, tb)
+        if errors and exc is None:
+            if len(errors) == 1:
+                raise errors[0]
+            raise BaseExceptionGroup("teardown of worker-scoped dependencies failed", errors)
+        return None
+
+    async def worker_value(self, node: WorkerNode, log: Any) -> Any:
+        return await self._scope.get(node, log)
+
+    # -- running ------------------------------------------------------------------------
+    @overload
+    async def run(self, fn: Callable[..., Coroutine[Any, Any, T]], /, *args: Any, **kwargs: Any) -> T: ...
+    @overload
+    async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T: ...
+
+    async def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run one job to completion, retrying while its ``@job(retries=...)`` allow."""
+        job = as_job(fn)
+        payload, extras = job.bind_payload(args, kwargs)
+        plan = self.plan(job)
+        job_id = uuid.uuid4().hex
+        attempt = 1
+        while True:
+            try:
+                return await self.run_attempt(job, payload, extras, job_id=job_id, attempt=attempt, plan=plan)
+            except _NOT_RETRIED:
+                raise
+            except Exception as exc:
+                if attempt > job.retries:
+                    if isinstance(exc, Retry):
+                        exc.add_note(
+                            f"lifecycle: job {job.name!r} asked to retry but has no attempts left "
+                            f"({attempt} of {job.retries + 1})"
+                        )
+                    raise
+                delay = exc.delay if isinstance(exc, Retry) else None
+                logger().warning(
+                    "job.retrying",
+                    job=job.name,
+                    job_id=job_id,
+                    attempt=attempt,
+                    delay=delay,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+            if delay:
+                await anyio.sleep(delay)
+            attempt += 1
+            plan = self.plan(job)
+
+    async def run_attempt(
+        self,
+        fn: Callable[..., Any],
+        payload: dict[str, Any],
+        extras: dict[str, Any] | None = None,
+        *,
+        job_id: str | None = None,
+        attempt: int = 1,
+        plan: Plan | None = None,
+    ) -> Any:
+        """Run exactly one attempt of an already-bound payload; for queue workers, which
+        own the retry policy themselves."""
+        if not self._open:
+            raise LifecycleError("the Runtime is not open; use `async with Runtime() as rt:`")
+        job = as_job(fn)
+        if plan is None:
+            plan = self.plan(job)
+        job_id = job_id or uuid.uuid4().hex
+        ctx = JobContext(job_id, job.name, attempt, MappingProxyType(payload))
+        log = logger().bind(job=job.name, job_id=job_id, attempt=attempt)
+        ctx._log = log
+        started = anyio.current_time()
+        log.debug("job.started")
+        try:
+            result = await execute(plan, payload, extras, ctx, self, job.timeout, log)
+        except BaseException as exc:
+            log.error(
+                "job.failed",
+                duration_ms=round((anyio.current_time() - started) * 1000, 3),
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            raise
+        log.info("job.succeeded", duration_ms=round((anyio.current_time() - started) * 1000, 3))
+        return result
+
+    def bind(self, fn: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]:
+        """An async callable taking only the job's payload (for queue consumers)."""
+        job = as_job(fn)
+
+        @functools.wraps(job.fn)
+        async def bound(*args: Any, **kwargs: Any) -> Any:
+            return await self.run(job, *args, **kwargs)
+
+        return bound
+
+
+def run(fn: Callable[..., Any], /, *args: Any, backend: str = "asyncio", **kwargs: Any) -> Any:
+    """Open a runtime, run one job, close it: for scripts and one-shot tasks."""
+
+    async def main() -> Any:
+        async with Runtime() as rt:
+            return await rt.run(fn, *args, **kwargs)
+
+    return anyio.run(main, backend=backend)
