@@ -103,7 +103,7 @@ class _Builder:
         provider = self.resolve(marker.dependency, path, param)
         key = cache_key(provider.call)
         if key in keys:
-            cycle = " -> ".join((*path[1:], provider.label)[list(keys).index(key) :])
+            cycle = " -> ".join((*path, provider.label)[keys.index(key) :])
             raise DependencyError(f"dependency cycle in job {self.job_name!r} ({self.job_label}): {cycle}")
         if provider.scope == "worker":
             slot = self.worker_slots.get(key)
@@ -168,7 +168,7 @@ class _Builder:
                 sub = self.resolve(p.depends.dependency, path, p.name)  # type: ignore[arg-type]
                 sub_key = cache_key(sub.call)
                 if sub_key in keys:
-                    cycle = " -> ".join((*path[1:], sub.label)[list(keys).index(sub_key) :])
+                    cycle = " -> ".join((*path, sub.label)[keys.index(sub_key) :])
                     raise DependencyError(f"dependency cycle in job {self.job_name!r} ({self.job_label}): {cycle}")
                 if sub.scope != "worker":
                     raise DependencyError(
