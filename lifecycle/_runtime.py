@@ -160,8 +160,11 @@ class Runtime:
         try:
             errors = await self._scope.close(logger())
         finally:
+            # The host tasks have all finished by now. Exit the group without the
+            # caller's exception so that it propagates as itself, not in a group.
             assert task_group is not None
-            await task_group.__aexit__(exc_type, exc, tb)
+            task_group.cancel_scope.shield = True
+            await task_group.__aexit__(None, None, None)
         if errors and exc is None:
             if len(errors) == 1:
                 raise errors[0]
@@ -187,7 +190,8 @@ class Runtime:
         while True:
             try:
                 return await self.run_attempt(job, payload, extras, job_id=job_id, attempt=attempt, plan=plan)
-            except _NOT_RETRIED:
+            except _NOT_RETRIED as exc:
+                _log_failure(job, job_id, attempt, exc)
                 raise
             except Exception as exc:
                 if attempt > job.retries:
@@ -196,6 +200,7 @@ class Runtime:
                             f"lifecycle: job {job.name!r} asked to retry but has no attempts left "
                             f"({attempt} of {job.retries + 1})"
                         )
+                    _log_failure(job, job_id, attempt, exc)
                     raise
                 delay = exc.delay if isinstance(exc, Retry) else None
                 logger().warning(
@@ -206,6 +211,9 @@ class Runtime:
                     delay=delay,
                     error=f"{type(exc).__name__}: {exc}",
                 )
+            except BaseException as exc:
+                _log_failure(job, job_id, attempt, exc)
+                raise
             if delay:
                 await anyio.sleep(delay)
             attempt += 1
@@ -222,7 +230,7 @@ class Runtime:
         plan: Plan | None = None,
     ) -> Any:
         """Run exactly one attempt of an already-bound payload; for queue workers, which
-        own the retry policy themselves."""
+        own the retry policy (and so the failure logging) themselves."""
         if not self._open:
             raise LifecycleError("the Runtime is not open; use `async with Runtime() as rt:`")
         job = as_job(fn)
@@ -234,15 +242,7 @@ class Runtime:
         ctx._log = log
         started = anyio.current_time()
         log.debug("job.started")
-        try:
-            result = await execute(plan, payload, extras, ctx, self, job.timeout, log)
-        except BaseException as exc:
-            log.error(
-                "job.failed",
-                duration_ms=round((anyio.current_time() - started) * 1000, 3),
-                error=f"{type(exc).__name__}: {exc}",
-            )
-            raise
+        result = await execute(plan, payload, extras, ctx, self, job.timeout, log)
         log.info("job.succeeded", duration_ms=round((anyio.current_time() - started) * 1000, 3))
         return result
 
@@ -255,6 +255,10 @@ class Runtime:
             return await self.run(job, *args, **kwargs)
 
         return bound
+
+
+def _log_failure(job: Job[..., Any], job_id: str, attempt: int, exc: BaseException) -> None:
+    logger().error("job.failed", job=job.name, job_id=job_id, attempt=attempt, error=f"{type(exc).__name__}: {exc}")
 
 
 def run(fn: Callable[..., Any], /, *args: Any, backend: str = "asyncio", **kwargs: Any) -> Any:

@@ -55,7 +55,10 @@ def test_unresolvable_parameter_names_job_dependency_and_parameter() -> None:
 
     message = str(info.value)
     assert "job 'send'" in message
-    assert "test_graph_errors:test_unresolvable_parameter_names_job_dependency_and_parameter.<locals>.current_user" in message
+    assert (
+        "test_graph_errors:test_unresolvable_parameter_names_job_dependency_and_parameter.<locals>.current_user"
+        in message
+    )
     assert "parameter 'user_id'" in message
 
 

@@ -1,6 +1,5 @@
 """Every kind of callable is a valid dependency, in every declaration style."""
 
-
 import functools
 from typing import Annotated
 
@@ -159,7 +158,9 @@ async def test_job_context_and_job_arguments_reach_dependencies() -> None:
     async def audit(user: Annotated[str, Depends(current_user)], ctx: JobContext):  # type: ignore[no-untyped-def]
         yield f"audit({user}, args={dict(ctx.args)})"
 
-    async def send_email(user_id: int, note: Annotated[str, Depends(audit)], ctx: JobContext, flag: bool = False) -> str:
+    async def send_email(
+        user_id: int, note: Annotated[str, Depends(audit)], ctx: JobContext, flag: bool = False
+    ) -> str:
         assert ctx.id and isinstance(ctx.id, str)
         return note
 

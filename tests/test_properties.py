@@ -172,7 +172,9 @@ class World:
 
         body.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             [
-                inspect.Parameter(f"r{i}", inspect.Parameter.KEYWORD_ONLY, default=Depends(self.functions[n], use_cache=c))
+                inspect.Parameter(
+                    f"r{i}", inspect.Parameter.KEYWORD_ONLY, default=Depends(self.functions[n], use_cache=c)
+                )
                 for i, (n, c) in enumerate(self.scenario.roots)
             ]
         )
@@ -204,9 +206,7 @@ class World:
         try:
             async with AsyncExitStack() as stack:
                 try:
-                    values = {
-                        f"r{i}": await resolve(n, c, stack) for i, (n, c) in enumerate(self.scenario.roots)
-                    }
+                    values = {f"r{i}": await resolve(n, c, stack) for i, (n, c) in enumerate(self.scenario.roots)}
                     self.trace.append(("body",))
                     if self.scenario.fail_body:
                         raise BodyError("body")
@@ -278,7 +278,9 @@ def test_oracle_regressions(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-@given(jobs=st.integers(1, 40), workers=st.integers(1, 3), checkpoints=st.lists(st.integers(0, 3), min_size=1, max_size=5))
+@given(
+    jobs=st.integers(1, 40), workers=st.integers(1, 3), checkpoints=st.lists(st.integers(0, 3), min_size=1, max_size=5)
+)
 def test_concurrent_jobs_never_share_job_values_and_create_worker_values_once(
     backend: str, jobs: int, workers: int, checkpoints: list[int]
 ) -> None:
@@ -309,7 +311,10 @@ def test_concurrent_jobs_never_share_job_values_and_create_worker_values_once(
 
     params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=JobContext)]
     params.append(inspect.Parameter("s", inspect.Parameter.KEYWORD_ONLY, default=Depends(session)))
-    params += [inspect.Parameter(f"w{i}", inspect.Parameter.KEYWORD_ONLY, default=Depends(w)) for i, w in enumerate(worker_deps)]
+    params += [
+        inspect.Parameter(f"w{i}", inspect.Parameter.KEYWORD_ONLY, default=Depends(w))
+        for i, w in enumerate(worker_deps)
+    ]
 
     async def job_body(ctx: JobContext, s: Any, **worker_values: object) -> tuple[str, object, tuple[object, ...]]:
         await anyio.lowlevel.checkpoint()

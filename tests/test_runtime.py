@@ -48,9 +48,7 @@ async def test_use_cache_false_gets_a_fresh_value() -> None:
         created.append(value)
         yield value
 
-    async def body(
-        a=Depends(session), b=Depends(session, use_cache=False), c=Depends(session)
-    ) -> tuple[bool, bool]:
+    async def body(a=Depends(session), b=Depends(session, use_cache=False), c=Depends(session)) -> tuple[bool, bool]:
         return a is c, a is b
 
     async with Runtime() as rt:
@@ -253,10 +251,9 @@ async def test_worker_scoped_generator_may_hold_a_task_group_across_yield() -> N
         await anyio.sleep(0.01)
         return h
 
-    async with Runtime() as rt:
-        async with anyio.create_task_group() as tg:
-            for _ in range(3):
-                tg.start_soon(rt.run, body)
+    async with Runtime() as rt, anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(rt.run, body)
     assert ticks
 
 
@@ -432,3 +429,28 @@ def test_lifecycle_run_one_shot_on_both_backends() -> None:
     assert lifecycle.run(task, 1, backend="asyncio") == "pool:1"
     assert lifecycle.run(task, n=2, backend="trio") == "pool:2"
     assert events == ["pool up", "pool down"] * 2
+
+
+async def test_exception_inside_runtime_block_propagates_unwrapped() -> None:
+    @dependency(scope="worker")
+    async def pool() -> Any:
+        yield 1
+
+    async def body(p=Depends(pool)) -> None:
+        raise KeyError("job")
+
+    with pytest.raises(KeyError):
+        async with Runtime() as rt:
+            await rt.run(body)
+
+
+async def test_retried_attempt_logs_retrying_and_only_the_final_failure_logs_failed() -> None:
+    @job(retries=1)
+    async def failing() -> None:
+        raise ValueError("nope")
+
+    async with Runtime() as rt:
+        with capture_logs() as logs, pytest.raises(ValueError):
+            await rt.run(failing)
+    events = [(e["event"], e.get("attempt")) for e in logs if e["event"] in ("job.retrying", "job.failed")]
+    assert events == [("job.retrying", 1), ("job.failed", 2)]
