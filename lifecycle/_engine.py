@@ -2,16 +2,18 @@
 exact reverse with the pending exception thrown into each generator at its ``yield``
 (the semantics of nested ``async with`` / ``contextlib.AsyncExitStack``).
 
-Each async generator gets its own guard cancel scope, entered just before the
-generator starts. At teardown the guard is shielded and given the teardown deadline.
-Because the guard encloses any cancel scope or task group the generator opened across
-its ``yield``, scopes are always exited in LIFO order on both asyncio and trio."""
+A job whose teardown can suspend gets one guard cancel scope, entered before its first
+dependency. It encloses every scope a generator opens across its ``yield``, so scopes
+are exited in LIFO order on asyncio and trio alike; at teardown it is shielded from
+outer cancellation. Each suspending teardown takes a watchdog ticket (see
+``_watchdog``), which cancels the guard if that teardown overruns. After an overrun the
+guard stays cancelled, so the remaining teardowns each get a fresh shielded scope with
+their own deadline."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import sys
 import time
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
@@ -23,14 +25,19 @@ from ._analysis import Kind, Provider
 from ._context import JobContext
 from ._errors import DependencyError, JobTimeout, TeardownTimeout
 from ._plan import CONST, CONTEXT, PAYLOAD, SLOT, Arguments, Plan, WorkerNode
+from ._watchdog import Watchdog
 
 _MISSING: Any = object()
+_ASYNC_GENERATOR = Kind.ASYNC_GENERATOR
+_COROUTINE = Kind.COROUTINE
+_FUNCTION = Kind.FUNCTION
 
 
 class Host(Protocol):
     """What the engine needs from the runtime that runs it."""
 
     teardown_timeout: float | None
+    watchdog: Watchdog | None
 
     async def worker_value(self, node: WorkerNode, log: Any) -> Any: ...
 
@@ -41,9 +48,14 @@ class Host(Protocol):
 def build(
     arguments: Arguments, values: list[Any], payload: dict[str, Any], ctx: JobContext
 ) -> tuple[list[Any], dict[str, Any]]:
-    positional = [_source(tag, ref, values, payload, ctx) for tag, ref in arguments.positional]
-    keyword = {name: _source(tag, ref, values, payload, ctx) for name, (tag, ref) in arguments.keyword}
-    return positional, keyword
+    keyword = {name: values[ref] for name, ref in arguments.kw_slots}
+    for name, ref in arguments.kw_payload:
+        keyword[name] = payload[ref]
+    for name in arguments.kw_context:
+        keyword[name] = ctx
+    if not arguments.positional:
+        return [], keyword
+    return [_source(tag, ref, values, payload, ctx) for tag, ref in arguments.positional], keyword
 
 
 def _source(tag: int, ref: Any, values: list[Any], payload: dict[str, Any], ctx: JobContext) -> Any:
@@ -159,27 +171,81 @@ def second_yield_error(provider: Provider, job: str) -> DependencyError:
     )
 
 
+class Guard:
+    """The job-level scope that shields (and, through the watchdog, bounds) teardown."""
+
+    __slots__ = ("degraded", "scope", "timeout", "watchdog")
+
+    def __init__(self, watchdog: Watchdog | None, timeout: float | None) -> None:
+        self.scope = CancelScope()
+        self.watchdog = watchdog
+        self.timeout = timeout
+        self.degraded = False
+
+
 class Exit:
     """One set-up generator waiting for its teardown."""
 
-    __slots__ = ("context", "gen", "guard", "provider", "tokens")
+    __slots__ = ("context", "gen", "provider", "tokens")
 
-    def __init__(
-        self, provider: Provider, gen: Any, guard: CancelScope | None, context: contextvars.Context | None
-    ) -> None:
+    def __init__(self, provider: Provider, gen: Any, context: contextvars.Context | None) -> None:
         self.provider = provider
         self.gen = gen
-        self.guard = guard
         self.context = context
         self.tokens: dict[contextvars.ContextVar[Any], Any] | None = {} if context is not None else None
 
-    async def close(self, pending: BaseException | None, job: str, teardown_timeout: float | None) -> bool:
+    async def close(self, pending: BaseException | None, job: str, guard: Guard | None) -> bool:
         """Finish the generator with ``pending`` thrown in. True if it swallowed it."""
-        if self.provider.kind == Kind.ASYNC_GENERATOR:
-            return await self._close_async(pending, job, teardown_timeout)
-        if self.context is None:  # inline sync generator: nothing to bound
-            return self._verdict(_finish_sync(self.gen, pending), pending, job)
-        return await self._close_threaded(pending, job, teardown_timeout)
+        if self.provider.kind != _ASYNC_GENERATOR and self.context is None:
+            return self._verdict(_finish_sync(self.gen, pending), pending, job)  # inline: cannot suspend
+        assert guard is not None
+        if guard.degraded:
+            return await self._close_in_fresh_scope(pending, job, guard.timeout)
+        watchdog = guard.watchdog
+        ticket = watchdog.arm(guard.scope) if watchdog is not None else None
+        try:
+            status = await self._finish(pending)
+        except BaseException:
+            if ticket is not None and ticket.fired:
+                guard.degraded = True
+                raise self._timeout(job, guard.timeout, pending) from None
+            raise
+        finally:
+            if ticket is not None:
+                watchdog.disarm(ticket)  # type: ignore[union-attr]
+        if ticket is not None and ticket.fired:
+            guard.degraded = True
+            raise self._timeout(job, guard.timeout, pending)
+        return self._verdict(status, pending, job)
+
+    async def _close_in_fresh_scope(self, pending: BaseException | None, job: str, limit: float | None) -> bool:
+        deadline = anyio.current_time() + limit if limit is not None else float("inf")
+        with CancelScope(shield=True, deadline=deadline) as scope:
+            status = await self._finish(pending)
+        if scope.cancelled_caught:
+            raise self._timeout(job, limit, pending)
+        return self._verdict(status, pending, job)
+
+    async def _finish(self, pending: BaseException | None) -> int:
+        if self.provider.kind == _ASYNC_GENERATOR:
+            agen = self.gen
+            try:
+                if pending is None:
+                    await agen.__anext__()
+                else:
+                    await agen.athrow(pending)
+            except StopAsyncIteration:
+                return _SWALLOWED if pending is not None else _DONE
+            await agen.aclose()
+            return _AGAIN
+        ctx = self.context
+        assert ctx is not None
+        _refresh(ctx)
+        outcome = await anyio.to_thread.run_sync(
+            _captured, ctx, _finish_sync, self.gen, pending, abandon_on_cancel=True
+        )
+        _merge_into_current(ctx, self.tokens)
+        return int(_unwrap(outcome))
 
     def _verdict(self, status: int, pending: BaseException | None, job: str) -> bool:
         if status == _AGAIN:
@@ -187,47 +253,6 @@ class Exit:
             err.__context__ = pending
             raise err
         return status == _SWALLOWED
-
-    async def _close_async(self, pending: BaseException | None, job: str, teardown_timeout: float | None) -> bool:
-        guard = self.guard
-        assert guard is not None
-        guard.shield = True
-        if teardown_timeout is not None:
-            guard.deadline = anyio.current_time() + teardown_timeout
-        agen = self.gen
-        try:
-            try:
-                if pending is None:
-                    await agen.__anext__()
-                else:
-                    await agen.athrow(pending)
-            except StopAsyncIteration:
-                status = _SWALLOWED if pending is not None else _DONE
-            else:
-                await agen.aclose()
-                status = _AGAIN
-        except BaseException as exc:
-            if guard.__exit__(type(exc), exc, exc.__traceback__):
-                raise self._timeout(job, teardown_timeout, exc) from None
-            raise
-        guard.__exit__(None, None, None)  # (trio returns True here: not a verdict)
-        if guard.cancelled_caught:
-            raise self._timeout(job, teardown_timeout, pending)
-        return self._verdict(status, pending, job)
-
-    async def _close_threaded(self, pending: BaseException | None, job: str, teardown_timeout: float | None) -> bool:
-        ctx = self.context
-        assert ctx is not None
-        _refresh(ctx)
-        deadline = anyio.current_time() + teardown_timeout if teardown_timeout is not None else float("inf")
-        with CancelScope(shield=True, deadline=deadline) as scope:
-            outcome = await anyio.to_thread.run_sync(
-                _captured, ctx, _finish_sync, self.gen, pending, abandon_on_cancel=True
-            )
-        if scope.cancelled_caught:
-            raise self._timeout(job, teardown_timeout, pending)
-        _merge_into_current(ctx, self.tokens)
-        return self._verdict(_unwrap(outcome), pending, job)
 
     def _timeout(self, job: str, limit: float | None, cause: BaseException | None) -> TeardownTimeout:
         err = TeardownTimeout(
@@ -241,56 +266,54 @@ class Exit:
 # -- one attempt -------------------------------------------------------------------------
 
 
-async def setup_step(provider: Provider, args: list[Any], kwargs: dict[str, Any], stack: list[Exit], job: str) -> Any:
-    """Create one job-scoped value; generators are pushed onto ``stack`` for teardown."""
-    kind = provider.kind
+def debug_enabled(log: Any) -> bool:
+    """Whether ``log`` emits debug events (structlog's filtering or stdlib loggers)."""
+    check = getattr(log, "is_enabled_for", None) or getattr(log, "isEnabledFor", None)
+    return bool(check(10)) if check is not None else True
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+async def setup_generator(
+    provider: Provider, args: list[Any], kwargs: dict[str, Any], stack: list[Exit], job: str
+) -> Any:
+    """Start a generator dependency and push it onto ``stack`` for teardown."""
     call = provider.call
-    if kind == Kind.COROUTINE:
-        return await call(*args, **kwargs)
-    if kind == Kind.FUNCTION:
-        if provider.options.threaded:
-            return await call_threaded(call, args, kwargs)
-        return call(*args, **kwargs)
-    if kind == Kind.ASYNC_GENERATOR:
-        guard = CancelScope()
-        guard.__enter__()
+    if provider.kind == _ASYNC_GENERATOR:
+        agen = call(*args, **kwargs)
         try:
-            agen = call(*args, **kwargs)
             value = await agen.__anext__()
         except StopAsyncIteration:
-            guard.__exit__(None, None, None)
             raise no_yield_error(provider, job) from None
-        except BaseException:
-            if guard.__exit__(*sys.exc_info()):  # pragma: no cover - the guard is never cancelled here
-                raise RuntimeError("guard scope swallowed an exception") from None
-            raise
-        stack.append(Exit(provider, agen, guard, None))
+        stack.append(Exit(provider, agen, None))
         return value
-    # sync generator
     if provider.options.threaded:
         ctx = contextvars.copy_context()
         gen, started, value = _unwrap(await anyio.to_thread.run_sync(_captured, ctx, _start_sync, call, args, kwargs))
-        entry = Exit(provider, gen, None, ctx)
+        entry = Exit(provider, gen, ctx)
         _merge_into_current(ctx, entry.tokens)
     else:
         gen, started, value = _start_sync(call, args, kwargs)
-        entry = Exit(provider, gen, None, None)
+        entry = Exit(provider, gen, None)
     if not started:
         raise no_yield_error(provider, job)
     stack.append(entry)
     return value
 
 
-async def unwind(
-    stack: list[Exit], exc: BaseException | None, job: str, teardown_timeout: float | None, log: Any
-) -> None:
+async def unwind(stack: list[Exit], exc: BaseException | None, job: str, guard: Guard | None, log: Any) -> None:
     """Tear down ``stack`` in reverse, threading the pending exception through it."""
     pending = exc
+    trace = log if debug_enabled(log) else None
+    started = 0.0
     while stack:
         entry = stack.pop()
-        started = time.perf_counter()
+        if trace is not None:
+            started = time.perf_counter()
         try:
-            swallowed = await entry.close(pending, job, teardown_timeout)
+            swallowed = await entry.close(pending, job, guard)
         except BaseException as new:
             if isinstance(new, TeardownTimeout):
                 log.error("dependency.teardown_timeout", dependency=entry.provider.label, error=str(new))
@@ -309,11 +332,8 @@ async def unwind(
                 if exc is not None and note not in getattr(exc, "__notes__", ()):
                     exc.add_note(note)
                 pending = None
-        log.debug(
-            "dependency.teardown",
-            dependency=entry.provider.label,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
-        )
+        if trace is not None:
+            trace.debug("dependency.teardown", dependency=entry.provider.label, duration_ms=_ms_since(started))
     if pending is not None:
         raise pending
     if exc is not None:
@@ -330,40 +350,78 @@ async def execute(
     log: Any,
 ) -> Any:
     """Set up, run and tear down one attempt; return the body's result."""
+    if timeout is None:
+        return await _guarded(plan, payload, extras, ctx, host, log)
+    with CancelScope(deadline=anyio.current_time() + timeout):
+        return await _guarded(plan, payload, extras, ctx, host, log)
+    raise JobTimeout(f"job {plan.job_name!r} ({plan.job_label}) timed out after {timeout}s (attempt {ctx.attempt})")
+
+
+async def _guarded(
+    plan: Plan, payload: dict[str, Any], extras: dict[str, Any] | None, ctx: JobContext, host: Host, log: Any
+) -> Any:
+    if not plan.guarded:
+        return await _attempt(plan, payload, extras, ctx, host, None, log)
+    guard = Guard(host.watchdog, host.teardown_timeout)
+    with guard.scope:
+        return await _attempt(plan, payload, extras, ctx, host, guard, log)
+    # Only the watchdog cancels the guard, and unwind() turns that into TeardownTimeout.
+    raise AssertionError("unreachable: the guard scope swallowed an exception")  # pragma: no cover
+
+
+async def _attempt(
+    plan: Plan,
+    payload: dict[str, Any],
+    extras: dict[str, Any] | None,
+    ctx: JobContext,
+    host: Host,
+    guard: Guard | None,
+    log: Any,
+) -> Any:
     values: list[Any] = [None] * plan.slots
     stack: list[Exit] = []
     job = plan.job_name
-    teardown_timeout = host.teardown_timeout
-    deadline = anyio.current_time() + timeout if timeout is not None else float("inf")
-    result: Any = None
-    with CancelScope(deadline=deadline) as limit:
-        try:
-            for step in plan.steps:
+    trace = log if debug_enabled(log) else None  # per-dependency events cost; skip when filtered
+    started = 0.0
+    try:
+        for step in plan.steps:
+            if trace is not None:
                 started = time.perf_counter()
-                if step.worker is not None:
-                    values[step.slot] = await host.worker_value(step.worker, log)
-                    continue
-                args, kwargs = build(step.arguments, values, payload, ctx)
-                values[step.slot] = await setup_step(step.provider, args, kwargs, stack, job)
-                log.debug(
-                    "dependency.setup",
-                    dependency=step.provider.label,
-                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
-                )
-            args, kwargs = build(plan.body_arguments, values, payload, ctx)
-            if extras:
-                kwargs.update(extras)
-            body = plan.body
-            if body.kind == Kind.COROUTINE:
-                result = await body.call(*args, **kwargs)
-            elif body.options.threaded:
-                result = await anyio.to_thread.run_sync(_call, body.call, args, kwargs)
+            provider = step.provider
+            if step.worker is not None:
+                values[step.slot] = await host.worker_value(step.worker, log)
+                continue
+            args, kwargs = build(step.arguments, values, payload, ctx)
+            kind = provider.kind
+            if kind == _COROUTINE:
+                value = await provider.call(*args, **kwargs)
+            elif kind == _FUNCTION:
+                if provider.options.threaded:
+                    value = await call_threaded(provider.call, args, kwargs)
+                else:
+                    value = provider.call(*args, **kwargs)
             else:
-                result = body.call(*args, **kwargs)
-        except BaseException as exc:
-            await unwind(stack, exc, job, teardown_timeout, log)
+                value = await setup_generator(provider, args, kwargs, stack, job)
+            values[step.slot] = value
+            if trace is not None:
+                trace.debug("dependency.setup", dependency=provider.label, duration_ms=_ms_since(started))
+        args, kwargs = build(plan.body_arguments, values, payload, ctx)
+        if extras:
+            kwargs.update(extras)
+        body = plan.body
+        if body.kind == _COROUTINE:
+            result = await body.call(*args, **kwargs)
+        elif body.options.threaded:
+            result = await anyio.to_thread.run_sync(_call, body.call, args, kwargs)
         else:
-            await unwind(stack, None, job, teardown_timeout, log)
-    if limit.cancelled_caught:
-        raise JobTimeout(f"job {job!r} ({plan.job_label}) timed out after {timeout}s (attempt {ctx.attempt})")
+            result = body.call(*args, **kwargs)
+    except BaseException as exc:
+        if guard is not None:
+            guard.scope.shield = True
+        await unwind(stack, exc, job, guard, log)
+        raise  # pragma: no cover - unwind always raises here
+    if stack:
+        if guard is not None:
+            guard.scope.shield = True
+        await unwind(stack, None, job, guard, log)
     return result

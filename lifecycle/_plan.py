@@ -7,10 +7,10 @@ straight loop with no signature inspection. All graph errors are found here."""
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ._analysis import EMPTY, Param, Provider, Source, analyse, label
+from ._analysis import EMPTY, Kind, Param, Provider, Source, analyse, label
 from ._errors import DependencyError
 from ._markers import Depends
 
@@ -24,12 +24,18 @@ WORKER = 4  # ref: a WorkerNode (only inside worker nodes)
 ArgSource = tuple[int, Any]
 
 
-@dataclass(frozen=True, slots=True)
 class Arguments:
-    """How to build ``(*args, **kwargs)`` for one call."""
+    """How to build ``(*args, **kwargs)`` for one call, pre-split by source so that
+    building them per job is a few comprehensions."""
 
-    positional: tuple[ArgSource, ...] = ()
-    keyword: tuple[tuple[str, ArgSource], ...] = ()
+    __slots__ = ("keyword", "kw_context", "kw_payload", "kw_slots", "positional")
+
+    def __init__(self, positional: tuple[ArgSource, ...] = (), keyword: tuple[tuple[str, ArgSource], ...] = ()) -> None:
+        self.positional = positional
+        self.keyword = keyword
+        self.kw_slots = tuple((name, ref) for name, (tag, ref) in keyword if tag == SLOT)
+        self.kw_payload = tuple((name, ref) for name, (tag, ref) in keyword if tag == PAYLOAD)
+        self.kw_context = tuple(name for name, (tag, _) in keyword if tag == CONTEXT)
 
 
 @dataclass(eq=False, slots=True)
@@ -38,7 +44,7 @@ class WorkerNode:
 
     provider: Provider
     key: Hashable
-    arguments: Arguments = field(default_factory=Arguments)
+    arguments: Arguments
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +65,15 @@ class Plan:
     body_arguments: Arguments
     steps: tuple[Step, ...]
     slots: int
+
+    guarded: bool  # some teardown can suspend, so it needs shielding and a bound
+
+
+def _suspends_in_teardown(step: Step) -> bool:
+    kind = step.provider.kind
+    return step.worker is None and (
+        kind == Kind.ASYNC_GENERATOR or (kind == Kind.GENERATOR and step.provider.options.threaded)
+    )
 
 
 def cache_key(call: Callable[..., Any]) -> Hashable:
@@ -229,4 +244,6 @@ def compile_plan(
             )
         builder.depend(marker, root, keys, f"dependencies[{index}]")
     body_arguments = builder.arguments(body.params, root, keys)
-    return Plan(job_name, job_label, body, body_arguments, tuple(builder.steps), len(builder.steps))
+    steps = tuple(builder.steps)
+    guarded = any(_suspends_in_teardown(step) for step in steps)
+    return Plan(job_name, job_label, body, body_arguments, steps, len(steps), guarded)

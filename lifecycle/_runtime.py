@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import uuid
+import os
+import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any, TypeVar, overload
@@ -20,6 +21,7 @@ from ._errors import DependencyError, LifecycleError, PayloadError, Reject, Retr
 from ._job import Job, as_job
 from ._markers import Depends
 from ._plan import Plan, WorkerNode
+from ._watchdog import Watchdog
 from ._worker_scope import WorkerScope
 
 T = TypeVar("T")
@@ -27,8 +29,18 @@ T = TypeVar("T")
 _NOT_RETRIED = (Reject, PayloadError, DependencyError)
 
 
+_LOG: Any = structlog.get_logger("lifecycle")
+
+
 def logger() -> Any:
-    return structlog.get_logger("lifecycle")
+    """The library's logger: a lazy proxy, so the application's structlog
+    configuration (even one made after import) decides what is emitted."""
+    return _LOG
+
+
+def _new_id() -> str:
+    """128 random bits as 32 hex digits (a uuid4 without the object)."""
+    return os.urandom(16).hex()
 
 
 class Overrides(dict[Any, Any]):
@@ -98,6 +110,8 @@ class Runtime:
         self._plans: dict[Job[..., Any], tuple[int, Plan]] = {}
         self._scope = WorkerScope(teardown_timeout)
         self._task_group: TaskGroup | None = None
+        self.watchdog: Watchdog | None = None
+        self._watchdog_scope: anyio.CancelScope | None = None
         self._open = False
 
     # -- overrides ----------------------------------------------------------------------
@@ -149,8 +163,17 @@ class Runtime:
         await self._task_group.__aenter__()
         self._scope = WorkerScope(self.teardown_timeout)
         self._scope.attach(self._task_group)
+        if self.teardown_timeout is not None:
+            self.watchdog = Watchdog(self.teardown_timeout)
+            self._watchdog_scope = anyio.CancelScope()
+            self._task_group.start_soon(self._run_watchdog, self.watchdog, self._watchdog_scope)
         self._open = True
         return self
+
+    @staticmethod
+    async def _run_watchdog(watchdog: Watchdog, scope: anyio.CancelScope) -> None:
+        with scope:
+            await watchdog.run()
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -160,6 +183,10 @@ class Runtime:
         try:
             errors = await self._scope.close(logger())
         finally:
+            if self._watchdog_scope is not None:
+                self._watchdog_scope.cancel()
+                self._watchdog_scope = None
+            self.watchdog = None
             # The host tasks have all finished by now. Exit the group without the
             # caller's exception so that it propagates as itself, not in a group.
             assert task_group is not None
@@ -185,7 +212,7 @@ class Runtime:
         job = as_job(fn)
         payload, extras = job.bind_payload(args, kwargs)
         plan = self.plan(job)
-        job_id = uuid.uuid4().hex
+        job_id = _new_id()
         attempt = 1
         while True:
             try:
@@ -236,14 +263,14 @@ class Runtime:
         job = as_job(fn)
         if plan is None:
             plan = self.plan(job)
-        job_id = job_id or uuid.uuid4().hex
+        job_id = job_id or _new_id()
         ctx = JobContext(job_id, job.name, attempt, MappingProxyType(payload))
-        log = logger().bind(job=job.name, job_id=job_id, attempt=attempt)
+        log = _LOG.bind(job=job.name, job_id=job_id, attempt=attempt)
         ctx._log = log
-        started = anyio.current_time()
+        started = time.perf_counter()
         log.debug("job.started")
         result = await execute(plan, payload, extras, ctx, self, job.timeout, log)
-        log.info("job.succeeded", duration_ms=round((anyio.current_time() - started) * 1000, 3))
+        log.info("job.succeeded", duration_ms=round((time.perf_counter() - started) * 1000, 3))
         return result
 
     def bind(self, fn: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]:
