@@ -38,6 +38,7 @@ class Host(Protocol):
 
     teardown_timeout: float | None
     watchdog: Watchdog | None
+    scope_class: Callable[[], CancelScope]
 
     async def worker_value(self, node: WorkerNode, log: Any) -> Any: ...
 
@@ -176,8 +177,8 @@ class Guard:
 
     __slots__ = ("degraded", "scope", "timeout", "watchdog")
 
-    def __init__(self, watchdog: Watchdog | None, timeout: float | None) -> None:
-        self.scope = CancelScope()
+    def __init__(self, scope: CancelScope, watchdog: Watchdog | None, timeout: float | None) -> None:
+        self.scope = scope
         self.watchdog = watchdog
         self.timeout = timeout
         self.degraded = False
@@ -362,7 +363,7 @@ async def _guarded(
 ) -> Any:
     if not plan.guarded:
         return await _attempt(plan, payload, extras, ctx, host, None, log)
-    guard = Guard(host.watchdog, host.teardown_timeout)
+    guard = Guard(host.scope_class(), host.watchdog, host.teardown_timeout)
     with guard.scope:
         return await _attempt(plan, payload, extras, ctx, host, guard, log)
     # Only the watchdog cancels the guard, and unwind() turns that into TeardownTimeout.

@@ -112,6 +112,9 @@ class Runtime:
         self._task_group: TaskGroup | None = None
         self.watchdog: Watchdog | None = None
         self._watchdog_scope: anyio.CancelScope | None = None
+        # The running backend's own scope class: constructing it directly skips anyio's
+        # per-call backend lookup on the hot path.
+        self.scope_class: Callable[[], anyio.CancelScope] = anyio.CancelScope
         self._open = False
 
     # -- overrides ----------------------------------------------------------------------
@@ -161,6 +164,7 @@ class Runtime:
             raise LifecycleError("this Runtime is already open")
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
+        self.scope_class = type(anyio.CancelScope())
         self._scope = WorkerScope(self.teardown_timeout)
         self._scope.attach(self._task_group)
         if self.teardown_timeout is not None:

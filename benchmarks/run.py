@@ -1,0 +1,441 @@
+"""Per-job overhead of lifecycle against a hand-written AsyncExitStack floor and the peer
+libraries, all in one process run.
+
+    pip install -e ".[bench]" && python benchmarks/run.py            # full run
+    python benchmarks/run.py --quick                                  # a smoke run
+    python benchmarks/run.py --output benchmarks/RESULTS.md           # write the report
+
+Every library is first checked on the tree (teardown exactly reverses setup, config ran
+once, the job's result is right); a library that fails is reported, never timed.
+Rounds interleave the libraries in a shuffled order; the figure is the median over
+rounds of the mean µs per job within a round."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.metadata
+import logging
+import platform
+import random
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import trees  # noqa: E402
+from trees import EVENTS  # noqa: E402
+
+import lifecycle  # noqa: E402
+
+JobFn = Callable[[], Awaitable[Any]]
+Candidate = tuple[str, Callable[[], Any]]  # name, async factory returning (job, close)
+
+
+# -- candidates ---------------------------------------------------------------------------
+
+
+def lifecycle_candidate(threaded: bool, worker_pool: bool = False) -> Any:
+    async def make() -> tuple[JobFn, Any]:
+        inline = (lambda f: f) if threaded else lifecycle.dependency(threaded=False)
+        handle = trees.make_tree(lifecycle.Depends, inline)
+        if worker_pool:
+            lifecycle.dependency(scope="worker")(handle.providers["pool"])
+        job = lifecycle.job(handle)
+        rt = lifecycle.Runtime()
+        await rt.__aenter__()
+        return (lambda: rt.run(job, 1)), (lambda: rt.__aexit__(None, None, None))
+
+    return make
+
+
+def floor_candidate(worker_pool: bool = False) -> Any:
+    async def make() -> tuple[JobFn, Any]:
+        if worker_pool:
+            stack = AsyncExitStack()
+            pool = await stack.enter_async_context(trees._pool())
+            return (lambda: trees.floor_job(1, pool)), stack.aclose
+        return (lambda: trees.floor_job(1)), None
+
+    return make
+
+
+def fast_depends_candidate() -> Any:
+    async def make() -> tuple[JobFn, Any]:
+        from fast_depends import Depends, inject
+
+        handle = inject(trees.make_tree(Depends), cast=False, cast_result=False)
+        return (lambda: handle(user_id=1)), None
+
+    return make
+
+
+def taskiq_candidate() -> Any:
+    async def make() -> tuple[JobFn, Any]:
+        from taskiq_dependencies import DependencyGraph, Depends
+
+        handle = trees.make_tree(Depends)
+        graph = DependencyGraph(handle)
+
+        async def job() -> Any:
+            async with graph.async_ctx() as ctx:
+                kwargs = await ctx.resolve_kwargs()
+                return await handle(user_id=1, **kwargs)
+
+        return job, None
+
+    return make
+
+
+def dishka_candidate(worker_pool: bool = False) -> Any:
+    async def make() -> tuple[JobFn, Any]:
+        from dishka import make_async_container
+
+        container = make_async_container(trees.make_dishka_provider("worker" if worker_pool else "job"))
+        return (lambda: trees.dishka_job(container, 1)), container.close
+
+    return make
+
+
+def fastapi_candidate() -> Any:
+    async def make() -> tuple[JobFn, Any]:
+        from fastapi import Depends
+        from fastapi.dependencies.utils import get_dependant, solve_dependencies
+        from starlette.requests import Request
+
+        handle = trees.make_tree(Depends)
+        dependant = get_dependant(path="/", call=handle)
+
+        async def job() -> Any:
+            scope = {"type": "http", "method": "GET", "path": "/", "query_string": b"user_id=1", "headers": []}
+            async with AsyncExitStack() as stack:
+                scope["fastapi_astack"] = stack
+                scope["fastapi_inner_astack"] = stack
+                scope["fastapi_function_astack"] = stack
+                solved = await solve_dependencies(
+                    request=Request(scope), dependant=dependant, async_exit_stack=stack, embed_body_fields=False
+                )
+                if solved.errors:
+                    raise RuntimeError(f"FastAPI could not solve: {solved.errors}")
+                return await handle(**solved.values)
+
+        return job, None
+
+    return make
+
+
+def candidates(worker_pool: bool) -> list[Candidate]:
+    if worker_pool:
+        return [
+            ("hand-written AsyncExitStack (floor)", floor_candidate(True)),
+            ("lifecycle (sync inline)", lifecycle_candidate(False, True)),
+            ("lifecycle (sync threaded, default)", lifecycle_candidate(True, True)),
+            ("dishka (pool in APP scope)", dishka_candidate(True)),
+        ]
+    return [
+        ("hand-written AsyncExitStack (floor)", floor_candidate()),
+        ("lifecycle (sync inline)", lifecycle_candidate(False)),
+        ("lifecycle (sync threaded, default)", lifecycle_candidate(True)),
+        ("FastDepends (cast=False)", fast_depends_candidate()),
+        ("taskiq-dependencies", taskiq_candidate()),
+        ("dishka", dishka_candidate()),
+        ("FastAPI solve_dependencies (sync in threadpool)", fastapi_candidate()),
+    ]
+
+
+# -- checking and timing ------------------------------------------------------------------
+
+
+async def check(job: JobFn, worker_pool: bool) -> str | None:
+    """None when the library ran the tree correctly, else what went wrong."""
+    EVENTS.clear()
+    try:
+        result = await job()
+    except Exception as exc:
+        return f"raised {type(exc).__name__}: {exc}"
+    # With a worker-scoped pool, its one setup may land in this first job; it is not
+    # torn down per job, so it takes no part in the order check.
+    setups = [e[1:] for e in EVENTS if e.startswith("+") and not (worker_pool and e == "+pool")]
+    teardowns = [e[1:].removesuffix("(commit)") for e in EVENTS if e.startswith("-")]
+    expected = ["conn", "tx", "cache", "sync_gen"] if worker_pool else ["pool", "conn", "tx", "cache", "sync_gen"]
+    problems = []
+    if result != 1:
+        problems.append(f"result {result!r}")
+    if EVENTS.count("config") != 1:
+        problems.append(f"config ran {EVENTS.count('config')} times")
+    if sorted(setups) != sorted(expected):
+        problems.append(f"set up {setups}")
+    if teardowns != list(reversed(setups)):
+        problems.append(f"teardown {teardowns} is not the reverse of setup {setups}")
+    return "; ".join(problems) or None
+
+
+async def measure(
+    entries: list[Candidate], backend: str, rounds: int, jobs: int, worker_pool: bool = False
+) -> list[dict[str, Any]]:
+    report: list[dict[str, Any]] = []
+    async with AsyncExitStack() as closers:  # runtimes own task groups: close in reverse
+        ready: list[tuple[str, JobFn]] = []
+        for name, make in entries:
+            try:
+                job, close = await make()
+                if close is not None:
+                    closers.push_async_callback(close)
+                problem = await check(job, worker_pool)
+            except Exception as exc:
+                problem = f"could not start: {type(exc).__name__}: {exc}"
+            if problem:
+                report.append({"name": name, "error": problem})
+            else:
+                ready.append((name, job))
+        samples: dict[str, list[float]] = {name: [] for name, _ in ready}
+        for _ in range(rounds):
+            order = ready[:]
+            random.shuffle(order)
+            for name, job in order:
+                gc.collect()
+                started = time.perf_counter()
+                for _ in range(jobs):
+                    await job()
+                samples[name].append((time.perf_counter() - started) / jobs * 1e6)
+                EVENTS.clear()
+    report += [{"name": name, "us": statistics.median(samples[name])} for name, _ in ready]
+    floor = next((r["us"] for r in report if "floor" in r["name"] and "us" in r), None)
+    for row in report:
+        if "us" in row and floor:
+            row["ratio"] = row["us"] / floor
+    return sorted(report, key=lambda row: row.get("us", float("inf")))
+
+
+# -- scaling: width and depth -------------------------------------------------------------
+
+
+def generated(depends: Callable[..., Any], shape: str, size: int) -> Callable[..., Any]:
+    """A tree of ``size`` async generators: side by side (width) or chained (depth)."""
+    lines = []
+    for i in range(size):
+        arg = f"x=depends(n{i - 1})" if shape == "depth" and i else ""
+        lines.append(f"async def n{i}({arg}):\n    yield {i}\n")
+    if shape == "width":
+        params = ", ".join(f"a{i}=depends(n{i})" for i in range(size))
+    else:
+        params = f"a=depends(n{size - 1})"
+    lines.append(f"async def handle({params}):\n    return 1\n")
+    namespace: dict[str, Any] = {"depends": depends}
+    exec("\n".join(lines), namespace)
+    return namespace["handle"]  # type: ignore[no-any-return]
+
+
+def generated_floor(shape: str, size: int) -> JobFn:
+    async def node(x: int = 0) -> Any:
+        yield x
+
+    managers = asynccontextmanager(node)
+
+    async def job() -> int:
+        async with AsyncExitStack() as stack:
+            value = 0
+            for _ in range(size):
+                got = await stack.enter_async_context(managers(value if shape == "depth" else 0))
+                value = got
+            return 1
+
+    return job
+
+
+async def measure_scaling(backend: str, rounds: int, jobs: int) -> list[dict[str, Any]]:
+    rows = []
+    for shape, sizes in (("width", (1, 10, 100)), ("depth", (1, 10, 50))):
+        for size in sizes:
+            per_job = max(jobs // max(size // 4, 1), 20)
+            handle = lifecycle.job(generated(lifecycle.Depends, shape, size))
+
+            async def make_lc(handle: Any = handle) -> tuple[JobFn, Any]:
+                rt = lifecycle.Runtime()
+                await rt.__aenter__()
+                return (lambda: rt.run(handle)), (lambda: rt.__aexit__(None, None, None))
+
+            async def make_floor(shape: str = shape, size: int = size) -> tuple[JobFn, Any]:
+                return generated_floor(shape, size), None
+
+            entries: list[Candidate] = [("floor", make_floor), ("lifecycle", make_lc)]
+            results = await _time_plain(entries, rounds, per_job)
+            rows.append({"shape": shape, "size": size, **results})
+    return rows
+
+
+async def _time_plain(entries: list[Candidate], rounds: int, jobs: int) -> dict[str, float]:
+    async with AsyncExitStack() as closers:
+        made = []
+        for name, make in entries:
+            job, close = await make()
+            if close is not None:
+                closers.push_async_callback(close)
+            made.append((name, job))
+        samples: dict[str, list[float]] = {name: [] for name, _ in made}
+        for _ in range(rounds):
+            for name, job in made:
+                started = time.perf_counter()
+                for _ in range(jobs):
+                    await job()
+                samples[name].append((time.perf_counter() - started) / jobs * 1e6)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+# -- memory per in-flight job ---------------------------------------------------------------
+
+
+async def memory_per_job(count: int) -> dict[str, float]:
+    """Bytes held per job while ``count`` jobs wait inside their body at once."""
+    results = {}
+    for name in ("floor", "lifecycle"):
+        release = anyio.Event()
+        arrived = 0
+        all_in = anyio.Event()
+
+        async def wait_in_body() -> None:
+            nonlocal arrived
+            arrived += 1
+            if arrived == count:
+                all_in.set()
+            await release.wait()
+
+        handle = trees.make_tree(lifecycle.Depends, lifecycle.dependency(threaded=False))
+
+        async def body(user_id: int, r: Any = lifecycle.Depends(handle), **_: Any) -> int:
+            await wait_in_body()
+            return user_id
+
+        async with lifecycle.Runtime() as rt:
+            job = lifecycle.job(body)
+
+            async def floor_one() -> None:
+                async with AsyncExitStack() as stack:
+                    cfg = trees._config()
+                    p = await stack.enter_async_context(trees._pool())
+                    c = await stack.enter_async_context(trees._conn(p))
+                    t = await stack.enter_async_context(trees._tx(c))
+                    await stack.enter_async_context(trees._cache(cfg))
+                    stack.enter_context(trees._sync_gen())
+                    del t
+                    await wait_in_body()
+
+            async def lifecycle_one() -> None:
+                await rt.run(job, 1)
+
+            one = floor_one if name == "floor" else lifecycle_one
+            gc.collect()
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            async with anyio.create_task_group() as tg:
+                for _ in range(count):
+                    tg.start_soon(one)
+                await all_in.wait()
+                during = tracemalloc.get_traced_memory()[0]
+                release.set()
+            tracemalloc.stop()
+        EVENTS.clear()
+        results[name] = (during - before) / count
+    return results
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def versions() -> str:
+    names = ["lifecycle", "anyio", "trio", "structlog", "fast-depends", "taskiq-dependencies", "dishka", "fastapi"]
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return ", ".join(found)
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["| library | µs/job (median) | × floor |", "|---|---:|---:|"]
+    for row in rows:
+        if "error" in row:
+            out.append(f"| {row['name']} | not timed: {row['error']} | |")
+        else:
+            out.append(f"| {row['name']} | {row['us']:.1f} | {row.get('ratio', float('nan')):.2f} |")
+    return out
+
+
+async def main_async(args: argparse.Namespace, backend: str, lines: list[str]) -> None:
+    lines.append(f"### Mixed tree, {backend}")
+    lines.append("")
+    lines += table(await measure(candidates(False), backend, args.rounds, args.jobs))
+    lines.append("")
+    lines.append(f"### Mixed tree with `pool` worker-scoped, {backend}")
+    lines.append("")
+    lines += table(await measure(candidates(True), backend, args.rounds, args.jobs, worker_pool=True))
+    lines.append("")
+    lines.append(f"### Scaling with tree shape (async generators only), {backend}")
+    lines.append("")
+    lines.append("| shape | size | floor µs/job | lifecycle µs/job | × floor |")
+    lines.append("|---|---:|---:|---:|---:|")
+    for row in await measure_scaling(backend, args.rounds, args.jobs):
+        lines.append(
+            f"| {row['shape']} | {row['size']} | {row['floor']:.1f} | {row['lifecycle']:.1f} | "
+            f"{row['lifecycle'] / row['floor']:.2f} |"
+        )
+    lines.append("")
+    if backend == "asyncio":
+        memory = await memory_per_job(args.memory_jobs)
+        lines.append(f"### Memory per in-flight job ({args.memory_jobs} jobs waiting in their body, {backend})")
+        lines.append("")
+        lines.append("| | bytes/job |")
+        lines.append("|---|---:|")
+        for name, value in memory.items():
+            lines.append(f"| {name} | {value:,.0f} |")
+        lines.append("")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few rounds, for a smoke run")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--jobs", type=int, default=2000, help="jobs per round and library")
+    parser.add_argument("--memory-jobs", type=int, default=2000)
+    parser.add_argument("--backend", choices=["asyncio", "trio", "both"], default="both")
+    parser.add_argument("--output", type=Path, help="write the markdown report here")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.jobs, args.memory_jobs = 3, 200, 200
+    # Logging would dominate the numbers; the peers log nothing either.
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING), cache_logger_on_first_use=True
+    )
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Produced by `python benchmarks/run.py` on {date.today().isoformat()}: {platform.python_implementation()} "
+        f"{platform.python_version()}, {platform.machine()}, {platform.system()} "
+        f"({len(__import__('os').sched_getaffinity(0))} cores). Rounds: {args.rounds} × {args.jobs} jobs per library.",
+        "",
+        f"Versions: {versions()}.",
+        "",
+    ]
+    backends = ["asyncio", "trio"] if args.backend == "both" else [args.backend]
+    for backend in backends:
+        anyio.run(main_async, args, backend, lines, backend=backend)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.output:
+        args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
