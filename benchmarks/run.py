@@ -33,10 +33,10 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import trees  # noqa: E402
-from trees import EVENTS  # noqa: E402
+import trees
+from trees import EVENTS
 
-import lifecycle  # noqa: E402
+import lifecycle
 
 JobFn = Callable[[], Awaitable[Any]]
 Candidate = tuple[str, Callable[[], Any]]  # name, async factory returning (job, close)
@@ -297,56 +297,57 @@ async def _time_plain(entries: list[Candidate], rounds: int, jobs: int) -> dict[
 
 async def memory_per_job(count: int) -> dict[str, float]:
     """Bytes held per job while ``count`` jobs wait inside their body at once."""
-    results = {}
-    for name in ("floor", "lifecycle"):
-        release = anyio.Event()
-        arrived = 0
-        all_in = anyio.Event()
+    return {name: await _memory_for(name, count) for name in ("floor", "lifecycle")}
 
-        async def wait_in_body() -> None:
-            nonlocal arrived
-            arrived += 1
-            if arrived == count:
-                all_in.set()
-            await release.wait()
 
-        handle = trees.make_tree(lifecycle.Depends, lifecycle.dependency(threaded=False))
+async def _memory_for(name: str, count: int) -> float:
+    release = anyio.Event()
+    all_in = anyio.Event()
+    arrived = 0
 
-        async def body(user_id: int, r: Any = lifecycle.Depends(handle), **_: Any) -> int:
+    async def wait_in_body() -> None:
+        nonlocal arrived
+        arrived += 1
+        if arrived == count:
+            all_in.set()
+        await release.wait()
+
+    handle = trees.make_tree(lifecycle.Depends, lifecycle.dependency(threaded=False))
+
+    async def body(user_id: int, r: Any = lifecycle.Depends(handle), **_: Any) -> int:
+        await wait_in_body()
+        return user_id
+
+    job = lifecycle.job(body)
+
+    async def floor_one() -> None:
+        async with AsyncExitStack() as stack:
+            cfg = trees._config()
+            p = await stack.enter_async_context(trees._pool())
+            c = await stack.enter_async_context(trees._conn(p))
+            await stack.enter_async_context(trees._tx(c))
+            await stack.enter_async_context(trees._cache(cfg))
+            stack.enter_context(trees._sync_gen())
             await wait_in_body()
-            return user_id
 
-        async with lifecycle.Runtime() as rt:
-            job = lifecycle.job(body)
+    async with lifecycle.Runtime() as rt:
 
-            async def floor_one() -> None:
-                async with AsyncExitStack() as stack:
-                    cfg = trees._config()
-                    p = await stack.enter_async_context(trees._pool())
-                    c = await stack.enter_async_context(trees._conn(p))
-                    t = await stack.enter_async_context(trees._tx(c))
-                    await stack.enter_async_context(trees._cache(cfg))
-                    stack.enter_context(trees._sync_gen())
-                    del t
-                    await wait_in_body()
+        async def lifecycle_one() -> None:
+            await rt.run(job, 1)
 
-            async def lifecycle_one() -> None:
-                await rt.run(job, 1)
-
-            one = floor_one if name == "floor" else lifecycle_one
-            gc.collect()
-            tracemalloc.start()
-            before = tracemalloc.get_traced_memory()[0]
-            async with anyio.create_task_group() as tg:
-                for _ in range(count):
-                    tg.start_soon(one)
-                await all_in.wait()
-                during = tracemalloc.get_traced_memory()[0]
-                release.set()
-            tracemalloc.stop()
-        EVENTS.clear()
-        results[name] = (during - before) / count
-    return results
+        one = floor_one if name == "floor" else lifecycle_one
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        async with anyio.create_task_group() as tg:
+            for _ in range(count):
+                tg.start_soon(one)
+            await all_in.wait()
+            during = tracemalloc.get_traced_memory()[0]
+            release.set()
+        tracemalloc.stop()
+    EVENTS.clear()
+    return (during - before) / count
 
 
 # -- report ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from ._errors import (
 from ._job import Job, job
 from ._markers import Depends, dependency
 from ._runtime import Runtime, run
+from ._worker import StartupError, Worker
 
 __version__ = "0.1.0"
 
@@ -30,7 +31,9 @@ __all__ = [
     "Reject",
     "Retry",
     "Runtime",
+    "StartupError",
     "TeardownTimeout",
+    "Worker",
     "dependency",
     "job",
     "run",
