@@ -28,3 +28,32 @@ structlog.configure(processors=[_drop])
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+def require_service(name: str, check: Any) -> None:
+    """Skip with the reason when a service is unreachable; under CI=true, fail instead."""
+    try:
+        check()
+    except Exception as exc:
+        message = f"{name} is not reachable: {type(exc).__name__}: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message} (CI=true: a missing service is a failure, not a skip)")
+        pytest.skip(message)
+
+
+REDIS_URL = os.environ.get("LIFECYCLE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    def ping() -> None:
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+        try:
+            client.ping()
+        finally:
+            client.close()
+
+    require_service("Redis", ping)
+    return REDIS_URL
