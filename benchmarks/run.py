@@ -350,6 +350,61 @@ async def _memory_for(name: str, count: int) -> float:
     return (during - before) / count
 
 
+# -- worker throughput ---------------------------------------------------------------------
+
+
+async def throughput(queue: Any, concurrency: int, messages: int) -> float:
+    """Jobs per second through a Worker running no-op jobs, enqueueing excluded."""
+
+    @lifecycle.job(name="noop")
+    async def noop(i: int) -> None:
+        return None
+
+    for i in range(messages):
+        await queue.enqueue("noop", {"i": i})
+    worker = lifecycle.Worker(queue, [noop], concurrency=concurrency, poll_interval=0.05)
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        while worker.stats["succeeded"] < messages:
+            await anyio.sleep(0.001)
+        elapsed = time.perf_counter() - started
+        worker.stop()
+    return messages / elapsed
+
+
+async def throughput_rows(backend: str, messages: int) -> list[str]:
+    from lifecycle.queues import MemoryQueue
+
+    rows = []
+    for concurrency in (1, 16, 256):
+        rate = await throughput(MemoryQueue(), concurrency, messages)
+        rows.append(f"| MemoryQueue | {backend} | {concurrency} | {rate:,.0f} |")
+    if backend == "asyncio":
+        try:
+            from redis.asyncio import Redis
+
+            from lifecycle.queues import RedisStreamQueue
+
+            url = "redis://127.0.0.1:6379/0"
+            probe = Redis.from_url(url)
+            await probe.ping()
+            await probe.aclose()
+        except Exception as exc:
+            rows.append(f"| RedisStreamQueue | asyncio | - | not measured: {type(exc).__name__}: {exc} |")
+            return rows
+        for concurrency in (1, 16, 256):
+            stream = f"lifecycle-bench-{time.time_ns()}"
+            queue = RedisStreamQueue(url, stream=stream, group="bench")
+            try:
+                rate = await throughput(queue, concurrency, messages)
+            finally:
+                await queue.redis.delete(stream, f"{stream}:dead", f"{stream}:delayed")
+                await queue.close()
+            rows.append(f"| RedisStreamQueue (local server) | asyncio | {concurrency} | {rate:,.0f} |")
+    return rows
+
+
 # -- report ---------------------------------------------------------------------------------
 
 
@@ -393,6 +448,12 @@ async def main_async(args: argparse.Namespace, backend: str, lines: list[str]) -
             f"{row['lifecycle'] / row['floor']:.2f} |"
         )
     lines.append("")
+    lines.append(f"### Worker throughput, no-op jobs ({args.messages} messages), {backend}")
+    lines.append("")
+    lines.append("| queue | backend | concurrency | jobs/s |")
+    lines.append("|---|---|---:|---:|")
+    lines += await throughput_rows(backend, args.messages)
+    lines.append("")
     if backend == "asyncio":
         memory = await memory_per_job(args.memory_jobs)
         lines.append(f"### Memory per in-flight job ({args.memory_jobs} jobs waiting in their body, {backend})")
@@ -410,11 +471,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--jobs", type=int, default=2000, help="jobs per round and library")
     parser.add_argument("--memory-jobs", type=int, default=2000)
+    parser.add_argument("--messages", type=int, default=5000, help="messages per throughput measurement")
     parser.add_argument("--backend", choices=["asyncio", "trio", "both"], default="both")
     parser.add_argument("--output", type=Path, help="write the markdown report here")
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.jobs, args.memory_jobs = 3, 200, 200
+        args.rounds, args.jobs, args.memory_jobs, args.messages = 3, 200, 200, 300
     # Logging would dominate the numbers; the peers log nothing either.
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING), cache_logger_on_first_use=True

@@ -69,7 +69,7 @@ class Worker:
         self.runtime = Runtime(
             dependency_overrides=dependency_overrides, teardown_timeout=teardown_timeout, dependencies=dependencies
         )
-        self.stats = {"succeeded": 0, "retried": 0, "dead_lettered": 0, "released": 0}
+        self.stats = {"succeeded": 0, "retried": 0, "dead_lettered": 0, "released": 0, "settle_failed": 0}
         self._in_flight: dict[str, Delivery] = {}
         self._stopping = False
         self._read_scope: CancelScope | None = None
@@ -178,6 +178,13 @@ class Worker:
     async def _handle(self, delivery: Delivery) -> None:
         try:
             await self._process(delivery)
+        except Exception as exc:
+            # Settling failed (the broker went away, say). The message was not acked, so
+            # the queue delivers it again; one failure must not take the other jobs down.
+            self.stats["settle_failed"] += 1
+            logger().error(
+                "worker.settle_failed", job=delivery.job, job_id=delivery.id, error=f"{type(exc).__name__}: {exc}"
+            )
         finally:
             self._in_flight.pop(delivery.id, None)
             self._wake_slot()

@@ -158,7 +158,7 @@ async def test_teardown_that_raises_causes_a_retry_not_an_ack() -> None:
     worker = Worker(queue, [write], retry_backoff=0.001)
     await run_until_empty(worker, queue)
     assert attempts == [1, 2]
-    assert worker.stats == {"succeeded": 1, "retried": 1, "dead_lettered": 0, "released": 0}
+    assert worker.stats == {"succeeded": 1, "retried": 1, "dead_lettered": 0, "released": 0, "settle_failed": 0}
 
 
 async def test_hanging_teardown_is_bounded_by_teardown_timeout() -> None:
@@ -286,3 +286,34 @@ def test_worker_configuration_errors() -> None:
 async def test_memory_queue_rejects_payloads_that_are_not_json() -> None:
     with pytest.raises(TypeError):
         await MemoryQueue().enqueue("x", {"when": object()})
+
+
+async def test_a_failing_ack_is_logged_and_leaves_the_message_for_redelivery() -> None:
+    done: list[int] = []
+
+    class FlakyAck(MemoryQueue):
+        fail = True
+
+        async def ack(self, delivery: Any) -> None:
+            if self.fail:
+                self.fail = False
+                raise ConnectionError("broker went away")
+            await super().ack(delivery)
+
+    @job
+    async def work(n: int) -> None:
+        done.append(n)
+
+    queue = FlakyAck()
+    for n in range(3):
+        await queue.enqueue("work", {"n": n})
+    worker = Worker(queue, [work])
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            while worker.stats["succeeded"] < 2:
+                await anyio.sleep(0.005)
+            worker.stop()
+    assert worker.stats["settle_failed"] == 1
+    assert sorted(done) == [0, 1, 2]  # the other jobs were not disturbed
+    assert queue.in_flight == 1  # not acked: a real broker would deliver it again

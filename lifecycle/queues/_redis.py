@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sniffio
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ResponseError
 
 from .._errors import LifecycleError
@@ -62,6 +62,7 @@ class RedisStreamQueue:
         dead_letter_stream: str | None = None,
         claim_idle: float = 60.0,
         claim_interval: float | None = None,
+        max_connections: int = 64,
     ) -> None:
         _require_asyncio()
         if claim_idle <= 0:
@@ -74,7 +75,12 @@ class RedisStreamQueue:
         self.delayed_key = f"{stream}:delayed"
         self.claim_idle = claim_idle
         self.claim_interval = claim_interval if claim_interval is not None else claim_idle / 2
-        self.redis: Redis = Redis.from_url(url, decode_responses=True)
+        # A blocking pool: with many jobs settling at once, wait for a connection
+        # instead of failing with "Too many connections".
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=None, decode_responses=True
+        )
+        self.redis: Redis = Redis(connection_pool=pool)
         self._promote = self.redis.register_script(_PROMOTE)
         self._group_ready = False
         self._last_claim = 0.0
