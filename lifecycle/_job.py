@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import weakref
@@ -15,6 +16,12 @@ from ._plan import Plan, compile_plan
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+# When set (by ``lifecycle check``), graph errors at decoration are collected here
+# instead of raised, so one run can report every broken job in a module.
+collected_errors: contextvars.ContextVar[list[tuple[Job[..., Any], DependencyError]] | None] = contextvars.ContextVar(
+    "lifecycle_collected_errors", default=None
+)
 
 
 class Job(Generic[P, R]):
@@ -50,7 +57,16 @@ class Job(Generic[P, R]):
         self.timeout = float(timeout) if timeout is not None else None
         self.dependencies = tuple(dependencies)
         functools.update_wrapper(self, fn)
-        self.body: Provider = _body(fn, self.name)
+        self.error: DependencyError | None = None
+        try:
+            self.body: Provider = _body(fn, self.name)
+        except DependencyError as exc:
+            sink = collected_errors.get()
+            if sink is None:
+                raise
+            sink.append((self, exc))
+            self.error = exc
+            self.body = _unusable(fn)
         self.params: tuple[Param, ...] = tuple(p for p in self.body.params if p.source is Source.NAMED)
         self.payload_names = frozenset(p.name for p in self.params)
         self._positional = tuple(p.name for p in self.params if p.kind is not inspect.Parameter.KEYWORD_ONLY)
@@ -58,9 +74,19 @@ class Job(Generic[P, R]):
         self._defaults = tuple((p.name, p.default) for p in self.params if p.default is not EMPTY)
         self.accepts_extra = _accepts_var_keyword(fn)
         # Validate now: a broken graph is reported where the job is declared.
-        self.plan: Plan = self.compile((), {})
+        try:
+            self.plan: Plan = self.compile((), {})
+        except DependencyError as exc:
+            sink = collected_errors.get()
+            if sink is None:
+                raise
+            if self.error is None:
+                self.error = exc
+                sink.append((self, exc))
 
     def compile(self, runtime_dependencies: Iterable[Depends], overrides: Mapping[Any, Any]) -> Plan:
+        if self.error is not None:
+            raise self.error
         return compile_plan(
             self.name, self.body, self.payload_names, (*runtime_dependencies, *self.dependencies), overrides
         )
@@ -135,6 +161,14 @@ def _body(fn: Callable[..., Any], name: str) -> Provider:
                 "arguments (a payload), *args is not supported"
             )
     return body
+
+
+def _unusable(fn: Callable[..., Any]) -> Provider:
+    """A stand-in body for a job whose declaration failed while errors are collected."""
+    from ._analysis import Kind
+    from ._markers import DEFAULT_OPTIONS
+
+    return Provider(fn, Kind.FUNCTION, DEFAULT_OPTIONS, (), label(fn))
 
 
 def _accepts_var_keyword(fn: Callable[..., Any]) -> bool:

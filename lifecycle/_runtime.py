@@ -151,7 +151,7 @@ class Runtime:
         cached = self._plans.get(job)
         if cached is not None and cached[0] == version:
             return cached[1]
-        if not self._overrides and not self.dependencies:
+        if not self._overrides and not self.dependencies and job.error is None:
             plan = job.plan
         else:
             plan = job.compile(self.dependencies, self._overrides)

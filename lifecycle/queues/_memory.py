@@ -40,6 +40,12 @@ class MemoryQueue:
     async def enqueue(
         self, job: str, payload: Mapping[str, Any] | None = None, *, delay: float | None = None, attempt: int = 1
     ) -> str:
+        return self.enqueue_nowait(job, payload, delay=delay, attempt=attempt)
+
+    def enqueue_nowait(
+        self, job: str, payload: Mapping[str, Any] | None = None, *, delay: float | None = None, attempt: int = 1
+    ) -> str:
+        """``enqueue`` from sync code (a module filling a queue at import, a test)."""
         body = json.loads(json.dumps(dict(payload or {})))
         delivery = Delivery(str(next(self._ids)), job, body, attempt, 0, time.time())
         self._schedule(delivery, delay)

@@ -1,0 +1,7 @@
+"""``python -m lifecycle``: the same as the ``lifecycle`` command."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())

@@ -1,0 +1,218 @@
+"""``lifecycle``: run jobs from the command line, list them, show and check their graphs.
+
+Built on click: commands and options are made at run time from each job's signature,
+which click supports directly, and its usage errors already exit with code 2."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import click
+
+from .. import __version__
+from .._errors import DependencyError
+from .._job import Job, collected_errors
+from .._worker import Worker
+from ._execute import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, run_batch, run_job, run_worker
+from ._graph import build_tree, render_dot, render_mermaid, render_tree, summary
+from ._logs import LEVELS, configure
+from ._options import job_options, to_payload
+from ._target import GraphError, Target, load
+
+BACKENDS = ["asyncio", "trio"]
+
+
+def _global_params() -> list[click.Option]:
+    return [
+        click.Option(["--backend"], type=click.Choice(BACKENDS), default=None, help="Event loop (default: asyncio)."),
+        click.Option(
+            ["--log-format"],
+            type=click.Choice(["console", "json"]),
+            default=None,
+            help="Default: console on a terminal, JSON lines otherwise.",
+        ),
+        click.Option(["--log-level"], type=click.Choice(LEVELS, case_sensitive=False), default=None),
+    ]
+
+
+def _with_globals(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for param in reversed(_global_params()):
+        fn = click.option(*param.opts, type=param.type, default=None, help=param.help)(fn)
+    return fn
+
+
+def _settings(ctx: click.Context, **given: Any) -> dict[str, Any]:
+    """Global options may come before or after the command; the later one wins."""
+    settings = dict(ctx.find_root().meta.get("lifecycle.settings", {}))
+    settings.update({key: value for key, value in given.items() if value is not None})
+    settings.setdefault("backend", "asyncio")
+    settings.setdefault("log_level", "info")
+    settings["log_format"] = configure(settings.get("log_format"), settings["log_level"])
+    return settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lifecycle")
+@_with_globals
+@click.pass_context
+def cli(ctx: click.Context, backend: str | None, log_format: str | None, log_level: str | None) -> None:
+    """Run @job functions with their dependencies set up and torn down per job."""
+    given = {"backend": backend, "log_format": log_format, "log_level": log_level}
+    ctx.meta["lifecycle.settings"] = {key: value for key, value in given.items() if value is not None}
+
+
+RUN_HELP = """Run a job (its options come from its parameters), a JSONL batch, or a Worker.
+
+\b
+  lifecycle run jobs.py                      the only job in the file
+  lifecycle run jobs.py:send_email --user-id 3
+  lifecycle run jobs.py:send_email --jsonl payloads.jsonl --concurrency 8
+  lifecycle run jobs.py:worker               consume until SIGINT/SIGTERM
+
+`lifecycle run TARGET --help` lists the job's own options.
+Exit codes: 0 success, 1 job failed, 2 usage or graph error, 130 interrupted."""
+
+
+@cli.command(
+    help=RUN_HELP,
+    add_help_option=False,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+@click.argument("target", required=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def run(ctx: click.Context, target: str | None, args: tuple[str, ...]) -> None:
+    if target is None or target in ("-h", "--help"):
+        click.echo(ctx.get_help())
+        ctx.exit(EXIT_OK)
+    assert target is not None
+    settings = _settings(ctx)  # logs are configured before the target's module is imported
+    chosen = load(target).resolve()
+    params: list[click.Parameter] = list(_global_params())
+    batch = any(arg == "--jsonl" or arg.startswith("--jsonl=") for arg in args)
+    if isinstance(chosen, Job):
+        params += [
+            click.Option(
+                ["--jsonl"],
+                metavar="FILE|-",
+                help="Run one job per JSON line ('-' reads stdin); job options given too apply to every line.",
+            ),
+            click.Option(["--concurrency"], type=click.IntRange(min=1), default=1, show_default=True),
+            *job_options(chosen, batch=batch),
+        ]
+    doc = _summary(chosen.fn) if isinstance(chosen, Job) else "Consume the worker's queue until SIGINT/SIGTERM."
+    command = click.Command(f"run {target}", params=params, help=doc, add_help_option=True)
+    sub = command.make_context(f"lifecycle run {target}", list(args))
+    values = dict(sub.params)
+    settings = _settings(ctx, **{key: values.pop(key) for key in ("backend", "log_format", "log_level")})
+    backend = settings["backend"]
+    if isinstance(chosen, Worker):
+        code = anyio.run(run_worker, chosen, backend=backend)
+    else:
+        jsonl, concurrency = values.pop("jsonl"), values.pop("concurrency")
+        if jsonl is not None:
+            base = to_payload(chosen, values, sub)
+            code = anyio.run(run_batch, chosen, jsonl, concurrency, settings["log_format"], base, backend=backend)
+        else:
+            code = anyio.run(run_job, chosen, to_payload(chosen, values), backend=backend)
+    ctx.exit(code)
+
+
+def _summary(fn: Any) -> str | None:
+    """The docstring without its Args/Parameters section (each option shows its own)."""
+    doc = inspect.getdoc(fn) or ""
+    kept = re.split(r"^(?:Args|Arguments|Parameters|Returns|Raises):\s*$", doc, maxsplit=1, flags=re.MULTILINE)[0]
+    return kept.strip() or None
+
+
+@cli.command("list")
+@click.argument("target")
+@_with_globals
+@click.pass_context
+def list_command(ctx: click.Context, /, target: str, **given: Any) -> None:
+    """List the jobs and workers in TARGET with their arguments and dependencies."""
+    _settings(ctx, **given)
+    loaded = load(target)
+    selected: dict[str, Any] = (
+        {loaded.attribute: loaded.resolve()} if loaded.attribute else {**loaded.jobs, **loaded.workers}
+    )
+    if not selected:
+        click.echo(f"{target}: no jobs or workers")
+    for name, value in selected.items():
+        if isinstance(value, Job):
+            click.echo(summary(f"{loaded.source}:{name}", value, value.plan))
+        else:
+            click.echo(f"{name}  (Worker over {type(value.queue).__name__}; concurrency={value.concurrency})")
+            click.echo(f"    jobs: {', '.join(sorted(value.jobs))}")
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--format", "fmt", type=click.Choice(["tree", "mermaid", "dot"]), default="tree", show_default=True)
+@_with_globals
+@click.pass_context
+def graph(ctx: click.Context, /, target: str, fmt: str, **given: Any) -> None:
+    """Show a job's dependency graph as a tree, Mermaid or Graphviz DOT."""
+    _settings(ctx, **given)
+    chosen = load(target).resolve()
+    if not isinstance(chosen, Job):
+        raise click.UsageError(f"{target} is a Worker; graph takes a job")
+    render = {"tree": render_tree, "mermaid": render_mermaid, "dot": render_dot}[fmt]
+    click.echo(render(build_tree(chosen.plan)))
+
+
+@cli.command()
+@click.argument("target")
+@_with_globals
+@click.pass_context
+def check(ctx: click.Context, /, target: str, **given: Any) -> None:
+    """Build every job's graph in TARGET and report every problem (exit 1 if any)."""
+    _settings(ctx, **given)
+    errors: list[tuple[Job[..., Any], DependencyError]] = []
+    token = collected_errors.set(errors)
+    try:
+        loaded: Target = load(target)
+    finally:
+        collected_errors.reset(token)
+    problems = [f"{job.name}: {error}" for job, error in errors]
+    jobs = loaded.jobs
+    for name, worker in loaded.workers.items():
+        for job in worker.jobs.values():
+            try:
+                worker.runtime.plan(job)
+            except DependencyError as exc:
+                if job.error is None:
+                    problems.append(f"{name} (worker) / {job.name}: {exc}")
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    checked = len(jobs) + sum(len(w.jobs) for w in loaded.workers.values())
+    if problems:
+        click.echo(f"{len(problems)} problem(s) in {target}", err=True)
+        ctx.exit(EXIT_FAILED)
+    click.echo(f"ok: {checked} job graph(s) in {target} are valid")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        result = cli.main(args=argv, prog_name="lifecycle", standalone_mode=False)
+    except click.exceptions.Abort:  # Ctrl-C before the signal handlers were installed
+        return EXIT_INTERRUPTED
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return result if isinstance(result, int) else EXIT_OK
+
+
+__all__ = ["GraphError", "cli", "main"]
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

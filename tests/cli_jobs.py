@@ -1,0 +1,109 @@
+"""Jobs driven by tests/test_cli.py through the real command line. Every setup and
+teardown appends a line to the file named by $EVIDENCE, so the tests can see what ran
+even after the process was signalled."""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Literal
+
+import anyio
+
+from lifecycle import Depends, JobContext, Worker, dependency, job
+from lifecycle.queues import MemoryQueue
+
+
+def note(text: str) -> None:
+    with open(os.environ["EVIDENCE"], "a") as fh:
+        fh.write(text + "\n")
+
+
+class Color(enum.Enum):
+    red = "r"
+    blue = "b"
+
+
+@dependency(scope="worker")
+async def pool() -> AsyncIterator[str]:
+    note("pool up")
+    try:
+        yield "pool"
+    finally:
+        note("pool down")
+
+
+async def session(p: Annotated[str, Depends(pool)], ctx: JobContext) -> AsyncIterator[str]:
+    note(f"session up {ctx.args}")
+    try:
+        yield "session"
+    except BaseException as exc:
+        note(f"session saw {type(exc).__name__}")
+        raise
+    finally:
+        await anyio.sleep(0)  # teardown may await even when cancelled: it is shielded
+        note("session down")
+
+
+@job
+async def convert(
+    count: int,
+    ratio: float = 0.5,
+    loud: bool = False,
+    path: Path | None = None,
+    color: Color = Color.red,
+    mode: Literal["fast", "slow"] = "fast",
+    tags: list[str] = [],  # noqa: B006 - a CLI default, never mutated
+    limit: int | None = None,
+) -> dict[str, object]:
+    """Echo converted options back as JSON.
+
+    Args:
+        count: How many.
+        loud: Shout.
+    """
+    return {
+        "count": count,
+        "ratio": ratio,
+        "loud": loud,
+        "path": str(path) if path else None,
+        "color": color.name,
+        "mode": mode,
+        "tags": tags,
+        "limit": limit,
+    }
+
+
+@job
+async def work(n: int, s: Annotated[str, Depends(session)], pause: float = 0.0) -> str:
+    if pause:
+        note(f"working {n}")
+        await anyio.sleep(pause)
+    if n < 0:
+        raise ValueError(f"negative n: {n}")
+    return f"{s} {n}"
+
+
+async def stuck_teardown() -> AsyncIterator[None]:
+    note("stuck up")
+    try:
+        yield
+    finally:
+        note("stuck teardown started")
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(60)
+        note("stuck teardown finished")
+
+
+@job
+async def hang(s: Annotated[None, Depends(stuck_teardown)]) -> None:
+    note("hang running")
+    await anyio.sleep(60)
+
+
+queue = MemoryQueue()
+for i in range(3):
+    queue.enqueue_nowait("work", {"n": i})
+worker = Worker(queue, [work], concurrency=2)
