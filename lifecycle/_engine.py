@@ -256,12 +256,26 @@ class Exit:
         return status == _SWALLOWED
 
     def _timeout(self, job: str, limit: float | None, cause: BaseException | None) -> TeardownTimeout:
-        err = TeardownTimeout(
-            f"job {job!r}: teardown of dependency {self.provider.label} overran the runtime's "
-            f"teardown_timeout ({limit}s) and was cancelled"
-        )
+        err = teardown_timeout_error(self.provider, limit, job)
         err.__context__ = cause
         return err
+
+    async def close_alone(self, limit: float | None) -> None:
+        """Finish a worker-scoped generator at runtime close: normal exit, bounded."""
+        if self.provider.kind != _ASYNC_GENERATOR and self.context is None:
+            self._verdict(_finish_sync(self.gen, None), None, WORKER_SCOPE)
+        else:
+            await self._close_in_fresh_scope(None, WORKER_SCOPE, limit)
+
+
+WORKER_SCOPE = "<worker scope>"
+
+
+def teardown_timeout_error(provider: Provider, limit: float | None, job: str = WORKER_SCOPE) -> TeardownTimeout:
+    owner = "worker-scoped dependency" if job == WORKER_SCOPE else f"job {job!r}: dependency"
+    return TeardownTimeout(
+        f"{owner} {provider.label}: teardown overran the runtime's teardown_timeout ({limit}s) and was cancelled"
+    )
 
 
 # -- one attempt -------------------------------------------------------------------------
@@ -278,9 +292,11 @@ def _ms_since(started: float) -> float:
 
 
 async def setup_generator(
-    provider: Provider, args: list[Any], kwargs: dict[str, Any], stack: list[Exit], job: str
+    provider: Provider, args: list[Any], kwargs: dict[str, Any], stack: list[Exit], job: str, propagate: bool = True
 ) -> Any:
-    """Start a generator dependency and push it onto ``stack`` for teardown."""
+    """Start a generator dependency and push it onto ``stack`` for teardown.
+    ``propagate=False`` keeps a threaded generator's context variables to itself (a
+    worker-scoped value must not leak them into whichever job created it)."""
     call = provider.call
     if provider.kind == _ASYNC_GENERATOR:
         agen = call(*args, **kwargs)
@@ -294,7 +310,8 @@ async def setup_generator(
         ctx = contextvars.copy_context()
         gen, started, value = _unwrap(await anyio.to_thread.run_sync(_captured, ctx, _start_sync, call, args, kwargs))
         entry = Exit(provider, gen, ctx)
-        _merge_into_current(ctx, entry.tokens)
+        if propagate:
+            _merge_into_current(ctx, entry.tokens)
     else:
         gen, started, value = _start_sync(call, args, kwargs)
         entry = Exit(provider, gen, None)
@@ -304,10 +321,12 @@ async def setup_generator(
     return value
 
 
-async def unwind(stack: list[Exit], exc: BaseException | None, job: str, guard: Guard | None, log: Any) -> None:
-    """Tear down ``stack`` in reverse, threading the pending exception through it."""
+async def unwind(
+    stack: list[Exit], exc: BaseException | None, job: str, guard: Guard | None, log: Any, trace: Any
+) -> None:
+    """Tear down ``stack`` in reverse, threading the pending exception through it.
+    ``trace`` is ``log`` when per-dependency debug events are wanted, else None."""
     pending = exc
-    trace = log if debug_enabled(log) else None
     started = 0.0
     while stack:
         entry = stack.pop()
@@ -419,10 +438,10 @@ async def _attempt(
     except BaseException as exc:
         if guard is not None:
             guard.scope.shield = True
-        await unwind(stack, exc, job, guard, log)
+        await unwind(stack, exc, job, guard, log, trace)
         raise  # pragma: no cover - unwind always raises here
     if stack:
         if guard is not None:
             guard.scope.shield = True
-        await unwind(stack, None, job, guard, log)
+        await unwind(stack, None, job, guard, log, trace)
     return result

@@ -8,7 +8,6 @@ anyio and trio require, whichever job happened to create it."""
 
 from __future__ import annotations
 
-import contextvars
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
@@ -19,17 +18,14 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from ._analysis import Kind, Provider
 from ._engine import (
-    _DONE,
-    _SWALLOWED,
-    _captured,
-    _finish_sync,
-    _start_sync,
-    _unwrap,
+    WORKER_SCOPE,
+    Exit,
     call_threaded,
     no_yield_error,
     second_yield_error,
+    setup_generator,
+    teardown_timeout_error,
 )
-from ._errors import TeardownTimeout
 from ._plan import CONST, WORKER, WorkerNode
 
 Closer = Callable[[], Awaitable[None]]
@@ -96,33 +92,10 @@ class WorkerScope:
         return await self._create_sync_generator(provider, args, kwargs)
 
     async def _create_sync_generator(self, provider: Provider, args: list[Any], kwargs: dict[str, Any]) -> Any:
-        threaded = provider.options.threaded
-        ctx = contextvars.copy_context()
-        if threaded:
-            outcome = await anyio.to_thread.run_sync(_captured, ctx, _start_sync, provider.call, args, kwargs)
-        else:
-            outcome = _captured(ctx, _start_sync, provider.call, args, kwargs)
-        gen, started, value = _unwrap(outcome)
-        if not started:
-            raise no_yield_error(provider, "<worker scope>")
-        limit = self.teardown_timeout
-
-        async def close() -> None:
-            if not threaded:
-                status = _unwrap(_captured(ctx, _finish_sync, gen, None))
-            else:
-                deadline = anyio.current_time() + limit if limit is not None else float("inf")
-                with CancelScope(shield=True, deadline=deadline) as scope:
-                    outcome = await anyio.to_thread.run_sync(
-                        _captured, ctx, _finish_sync, gen, None, abandon_on_cancel=True
-                    )
-                if scope.cancelled_caught:
-                    raise _timeout(provider, limit)
-                status = _unwrap(outcome)
-            if status not in (_DONE, _SWALLOWED):
-                raise second_yield_error(provider, "<worker scope>")
-
-        self._closers.append((provider, close))
+        made: list[Exit] = []
+        value = await setup_generator(provider, args, kwargs, made, WORKER_SCOPE, propagate=False)
+        entry, limit = made[0], self.teardown_timeout
+        self._closers.append((provider, lambda: entry.close_alone(limit)))
         return value
 
     async def close(self, log: Any) -> list[BaseException]:
@@ -154,13 +127,6 @@ class WorkerScope:
         return errors
 
 
-def _timeout(provider: Provider, limit: float | None) -> TeardownTimeout:
-    return TeardownTimeout(
-        f"teardown of worker-scoped dependency {provider.label} overran the runtime's "
-        f"teardown_timeout ({limit}s) and was cancelled"
-    )
-
-
 class _AsyncHost:
     """Owns one worker-scoped async generator from setup to teardown."""
 
@@ -180,7 +146,7 @@ class _AsyncHost:
                 try:
                     value = await agen.__anext__()
                 except StopAsyncIteration:
-                    raise no_yield_error(provider, "<worker scope>") from None
+                    raise no_yield_error(provider, WORKER_SCOPE) from None
                 guard.shield = True  # from here on only close() ends this task
                 task_status.started(value)
                 await self._close.wait()
@@ -192,9 +158,9 @@ class _AsyncHost:
                     pass
                 else:
                     await agen.aclose()
-                    self._error = second_yield_error(provider, "<worker scope>")
+                    self._error = second_yield_error(provider, WORKER_SCOPE)
             if guard.cancelled_caught:
-                self._error = _timeout(provider, self.teardown_timeout)
+                self._error = teardown_timeout_error(provider, self.teardown_timeout)
         except BaseException as exc:
             if not self._close.is_set():
                 raise  # setup failed: start() re-raises it to the job that asked
