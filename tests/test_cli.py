@@ -296,3 +296,23 @@ def test_options_given_with_jsonl_are_defaults_for_every_line(evidence: Path) ->
     assert result.returncode == 0, result.stderr
     ups = sorted(line for line in lines(evidence) if line.startswith("session up"))
     assert ups == ["session up {'n': 5, 'pause': 0.0}", "session up {'n': 6, 'pause': 0.0}"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_worker_whose_worker_scope_fails_at_startup_exits_1(evidence: Path, tmp_path: Path, backend: str) -> None:
+    app = tmp_path / "broken_worker.py"
+    app.write_text(
+        "from lifecycle import Depends, Worker, dependency, job\n"
+        "from lifecycle.queues import MemoryQueue\n"
+        "@dependency(scope='worker')\n"
+        "async def database():\n"
+        "    raise ConnectionRefusedError('db is down')\n"
+        "    yield\n"
+        "@job\nasync def work(db=Depends(database)): ...\n"
+        "worker = Worker(MemoryQueue(), [work])\n"
+    )
+    result = cli(evidence, "--backend", backend, "run", f"{app}:worker")
+    assert result.returncode == 1
+    failure = [json.loads(line) for line in result.stderr.splitlines() if "cli.worker_failed" in line]
+    assert "worker could not start" in failure[0]["error"]
+    assert "broken_worker:database" in failure[0]["error"] and "db is down" in failure[0]["error"]
