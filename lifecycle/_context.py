@@ -8,6 +8,8 @@ from typing import Any
 
 import structlog
 
+from ._log import JobLog
+
 
 class JobContext:
     """Identity of one attempt of one job. ``log`` is bound lazily: most jobs never
@@ -25,9 +27,13 @@ class JobContext:
     @property
     def log(self) -> Any:
         """A structlog logger bound to ``job_id``, ``job`` and ``attempt``."""
-        if self._log is None:
-            self._log = structlog.get_logger("lifecycle").bind(job=self.name, job_id=self.id, attempt=self.attempt)
-        return self._log
+        log = self._log
+        if log is None:
+            log = structlog.get_logger("lifecycle").bind(job=self.name, job_id=self.id, attempt=self.attempt)
+        elif isinstance(log, JobLog):  # the runtime's lazily bound logger: bind it now
+            log = log.bound()
+        self._log = log
+        return log
 
     def __repr__(self) -> str:
         return f"JobContext(id={self.id!r}, name={self.name!r}, attempt={self.attempt})"

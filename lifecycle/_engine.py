@@ -281,12 +281,6 @@ def teardown_timeout_error(provider: Provider, limit: float | None, job: str = W
 # -- one attempt -------------------------------------------------------------------------
 
 
-def debug_enabled(log: Any) -> bool:
-    """Whether ``log`` emits debug events (structlog's filtering or stdlib loggers)."""
-    check = getattr(log, "is_enabled_for", None) or getattr(log, "isEnabledFor", None)
-    return bool(check(10)) if check is not None else True
-
-
 def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
@@ -401,7 +395,7 @@ async def _attempt(
     values: list[Any] = [None] * plan.slots
     stack: list[Exit] = []
     job = plan.job_name
-    trace = log if debug_enabled(log) else None  # per-dependency events cost; skip when filtered
+    trace = log if log.debug_enabled else None  # per-dependency events cost; skip when filtered
     started = 0.0
     try:
         for step in plan.steps:

@@ -12,13 +12,13 @@ from types import MappingProxyType, TracebackType
 from typing import Any, TypeVar, overload
 
 import anyio
-import structlog
 from anyio.abc import TaskGroup
 
 from ._context import JobContext
 from ._engine import execute
 from ._errors import DependencyError, LifecycleError, PayloadError, Reject, Retry
 from ._job import Job, as_job
+from ._log import LOG, JobLog
 from ._markers import Depends
 from ._plan import Plan, WorkerNode
 from ._watchdog import Watchdog
@@ -29,13 +29,10 @@ T = TypeVar("T")
 _NOT_RETRIED = (Reject, PayloadError, DependencyError)
 
 
-_LOG: Any = structlog.get_logger("lifecycle")
-
-
 def logger() -> Any:
     """The library's logger: a lazy proxy, so the application's structlog
     configuration (even one made after import) decides what is emitted."""
-    return _LOG
+    return LOG
 
 
 def _new_id() -> str:
@@ -269,12 +266,13 @@ class Runtime:
             plan = self.plan(job)
         job_id = job_id or _new_id()
         ctx = JobContext(job_id, job.name, attempt, MappingProxyType(payload))
-        log = _LOG.bind(job=job.name, job_id=job_id, attempt=attempt)
+        log = JobLog(job=job.name, job_id=job_id, attempt=attempt)
         ctx._log = log
         started = time.perf_counter()
         log.debug("job.started")
         result = await execute(plan, payload, extras, ctx, self, job.timeout, log)
-        log.info("job.succeeded", duration_ms=round((time.perf_counter() - started) * 1000, 3))
+        if log.info_enabled:
+            log.info("job.succeeded", duration_ms=round((time.perf_counter() - started) * 1000, 3))
         return result
 
     def bind(self, fn: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]:

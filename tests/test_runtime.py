@@ -361,7 +361,11 @@ async def test_structlog_events_carry_job_identity_and_durations() -> None:
 
     @job(name="send-email")
     async def send(user_id: int, d=Depends(dep), ctx: JobContext = None) -> None:  # type: ignore[assignment]
-        ctx.log.info("custom", extra=1)
+        ctx.log.bind(extra=1).info("custom")  # a real structlog logger: bind() and friends work
+        try:
+            raise KeyError("k")
+        except KeyError:
+            ctx.log.exception("caught")
 
     async with Runtime() as rt:
         with capture_logs() as logs:
@@ -374,6 +378,8 @@ async def test_structlog_events_carry_job_identity_and_durations() -> None:
     assert events["dependency.setup"]["dependency"].endswith("dep")
     assert events["job.succeeded"]["duration_ms"] >= 0
     assert events["custom"]["extra"] == 1
+    assert events["caught"]["job"] == "send-email"
+    assert events["caught"]["log_level"] == "error"
 
 
 async def test_failure_is_logged_as_error() -> None:
@@ -454,3 +460,35 @@ async def test_retried_attempt_logs_retrying_and_only_the_final_failure_logs_fai
             await rt.run(failing)
     events = [(e["event"], e.get("attempt")) for e in logs if e["event"] in ("job.retrying", "job.failed")]
     assert events == [("job.retrying", 1), ("job.failed", 2)]
+
+
+async def test_filtered_levels_are_skipped_but_warnings_always_reach_structlog() -> None:
+    import logging
+
+    import structlog
+
+    async def swallows() -> Any:
+        try:
+            yield None
+        except ValueError:
+            return
+
+    async def body(s: Any = Depends(swallows)) -> None:
+        raise ValueError("boom")
+
+    async def fine() -> str:
+        return "ok"
+
+    previous = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    try:
+        async with Runtime() as rt:
+            with capture_logs() as logs:
+                assert await rt.run(fine) == "ok"
+                with pytest.raises(ValueError):
+                    await rt.run(body)
+    finally:
+        structlog.configure(**previous)
+    events = [e["event"] for e in logs]
+    assert "job.succeeded" not in events and "job.started" not in events  # info/debug filtered
+    assert "dependency.swallowed_exception" in events and "job.failed" in events

@@ -1,0 +1,62 @@
+"""The library's logging. It never configures structlog; it asks structlog (once per
+job) which levels the application lets through, so that a filtered-out event costs
+neither a logger bind nor its arguments."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import structlog
+
+LOG: Any = structlog.get_logger("lifecycle")
+_levels_by_wrapper: dict[Any, tuple[bool, bool]] = {}
+
+
+def enabled_levels() -> tuple[bool, bool]:
+    """(debug, info) enabled under the current structlog configuration. Wrapper classes
+    that cannot say (stdlib's BoundLogger, custom ones) count as enabled: the event is
+    then emitted and their own filtering decides."""
+    wrapper = structlog.get_config()["wrapper_class"]
+    known = _levels_by_wrapper.get(wrapper)
+    if known is None:
+        known = (True, True)
+        check = getattr(wrapper, "is_enabled_for", None)
+        if check is not None:
+            try:
+                probe = wrapper(None, processors=[], context={})
+                known = (bool(probe.is_enabled_for(logging.DEBUG)), bool(probe.is_enabled_for(logging.INFO)))
+            except Exception:  # an unusual wrapper: do not guess
+                known = (True, True)
+        _levels_by_wrapper[wrapper] = known
+    return known
+
+
+class JobLog:
+    """A logger for one job attempt, bound to job, job_id and attempt on first use."""
+
+    __slots__ = ("_bound", "_fields", "debug_enabled", "info_enabled")
+
+    def __init__(self, **fields: Any) -> None:
+        self._fields = fields
+        self._bound: Any = None
+        self.debug_enabled, self.info_enabled = enabled_levels()
+
+    def bound(self) -> Any:
+        if self._bound is None:
+            self._bound = LOG.bind(**self._fields)
+        return self._bound
+
+    def debug(self, event: str, **kw: Any) -> None:
+        if self.debug_enabled:
+            self.bound().debug(event, **kw)
+
+    def info(self, event: str, **kw: Any) -> None:
+        if self.info_enabled:
+            self.bound().info(event, **kw)
+
+    def warning(self, event: str, **kw: Any) -> None:
+        self.bound().warning(event, **kw)
+
+    def error(self, event: str, **kw: Any) -> None:
+        self.bound().error(event, **kw)
