@@ -54,6 +54,8 @@ class Provider:
     options: DependencyOptions
     params: tuple[Param, ...]
     label: str
+    var_positional: str | None = None  # the name of a ``*args`` parameter, if any
+    var_keyword: bool = False  # takes ``**kwargs``
 
     @property
     def scope(self) -> str:
@@ -207,7 +209,16 @@ def analyse(call: Callable[..., Any]) -> Provider:
     params = tuple(
         param for name, p in sig.parameters.items() if (param := classify(name, p, f"dependency {owner}")) is not None
     )
-    provider = Provider(call, detect_kind(call), options_of(call), params, owner)
+    kinds = {p.kind: name for name, p in sig.parameters.items()}
+    provider = Provider(
+        call,
+        detect_kind(call),
+        options_of(call),
+        params,
+        owner,
+        var_positional=kinds.get(inspect.Parameter.VAR_POSITIONAL),
+        var_keyword=inspect.Parameter.VAR_KEYWORD in kinds,
+    )
     try:
         _cache[call] = provider
     except TypeError:

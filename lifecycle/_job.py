@@ -9,9 +9,9 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
-from ._analysis import EMPTY, Param, Provider, Source, analyse, label
+from ._analysis import EMPTY, Kind, Param, Provider, Source, analyse, label
 from ._errors import DependencyError, PayloadError
-from ._markers import Depends
+from ._markers import DEFAULT_OPTIONS, Depends
 from ._plan import Plan, compile_plan
 
 P = ParamSpec("P")
@@ -72,7 +72,7 @@ class Job(Generic[P, R]):
         self._positional = tuple(p.name for p in self.params if p.kind is not inspect.Parameter.KEYWORD_ONLY)
         self._required = tuple(p.name for p in self.params if p.default is EMPTY)
         self._defaults = tuple((p.name, p.default) for p in self.params if p.default is not EMPTY)
-        self.accepts_extra = _accepts_var_keyword(fn)
+        self.accepts_extra = self.body.var_keyword
         # Validate now: a broken graph is reported where the job is declared.
         try:
             self.plan: Plan = self.compile((), {})
@@ -150,32 +150,17 @@ def _body(fn: Callable[..., Any], name: str) -> Provider:
             f"job {name!r} ({body.label}) is a generator function; a job returns its result, "
             "resources with teardown belong in a dependency"
         )
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # pragma: no cover - analyse() already read it
-        return body
-    for p in sig.parameters.values():
-        if p.kind is inspect.Parameter.VAR_POSITIONAL:
-            raise DependencyError(
-                f"job {name!r} ({body.label}), parameter {'*' + p.name!r}: jobs take named "
-                "arguments (a payload), *args is not supported"
-            )
+    if body.var_positional is not None:
+        raise DependencyError(
+            f"job {name!r} ({body.label}), parameter {'*' + body.var_positional!r}: jobs take named "
+            "arguments (a payload), *args is not supported"
+        )
     return body
 
 
 def _unusable(fn: Callable[..., Any]) -> Provider:
     """A stand-in body for a job whose declaration failed while errors are collected."""
-    from ._analysis import Kind
-    from ._markers import DEFAULT_OPTIONS
-
     return Provider(fn, Kind.FUNCTION, DEFAULT_OPTIONS, (), label(fn))
-
-
-def _accepts_var_keyword(fn: Callable[..., Any]) -> bool:
-    try:
-        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
 
 
 @overload
