@@ -39,6 +39,19 @@ return #due
 """
 
 
+def _stream_fields(job: str, body: str, attempt: int, enqueued_at: float) -> dict[str, str]:
+    """A message as stream fields (the same shape _PROMOTE writes)."""
+    return {"job": job, "payload": body, "attempt": str(attempt), "enqueued_at": repr(enqueued_at)}
+
+
+def _delayed_member(job: str, body: str, attempt: int, enqueued_at: float, **extra: str) -> tuple[str, str]:
+    """A message waiting in the delayed sorted set, and its unique id (so that two equal
+    payloads are two members)."""
+    uid = uuid.uuid4().hex
+    member = {"job": job, "payload": body, "attempt": attempt, "enqueued_at": enqueued_at, "uid": uid, **extra}
+    return json.dumps(member), uid
+
+
 def _require_asyncio() -> None:
     try:
         library = sniffio.current_async_library()
@@ -105,13 +118,10 @@ class RedisStreamQueue:
         _require_asyncio()
         body = json.dumps(dict(payload or {}))
         if delay:
-            member = json.dumps(
-                {"job": job, "payload": body, "attempt": attempt, "enqueued_at": time.time(), "uid": uuid.uuid4().hex}
-            )
+            member, uid = _delayed_member(job, body, attempt, time.time())
             await self.redis.zadd(self.delayed_key, {member: time.time() + delay})
-            return f"delayed:{json.loads(member)['uid']}"
-        fields = {"job": job, "payload": body, "attempt": str(attempt), "enqueued_at": repr(time.time())}
-        return str(await self.redis.xadd(self.stream, fields))  # type: ignore[arg-type]
+            return f"delayed:{uid}"
+        return str(await self.redis.xadd(self.stream, _stream_fields(job, body, attempt, time.time())))  # type: ignore[arg-type]
 
     # -- consuming ----------------------------------------------------------------------
     async def receive(self, limit: int, timeout: float) -> list[Delivery]:
@@ -173,44 +183,32 @@ class RedisStreamQueue:
     # -- settling -----------------------------------------------------------------------
     async def ack(self, delivery: Delivery) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.stream, self.group, delivery.id)
-            pipe.xdel(self.stream, delivery.id)
+            self._settle(pipe, delivery)
             await pipe.execute()
 
     async def retry(self, delivery: Delivery, delay: float, error: str) -> None:
         body = json.dumps(delivery.payload)
+        attempt = delivery.attempt + 1
         async with self.redis.pipeline(transaction=True) as pipe:
             if delay > 0:
-                member = {
-                    "job": delivery.job,
-                    "payload": body,
-                    "attempt": delivery.attempt + 1,
-                    "enqueued_at": delivery.enqueued_at,
-                    "uid": uuid.uuid4().hex,
-                    "last_error": error[:500],
-                }
-                pipe.zadd(self.delayed_key, {json.dumps(member): time.time() + delay})
+                member, _ = _delayed_member(delivery.job, body, attempt, delivery.enqueued_at, last_error=error[:500])
+                pipe.zadd(self.delayed_key, {member: time.time() + delay})
             else:
-                pipe.xadd(
-                    self.stream,
-                    {
-                        "job": delivery.job,
-                        "payload": body,
-                        "attempt": str(delivery.attempt + 1),
-                        "enqueued_at": repr(delivery.enqueued_at),
-                    },
-                )
-            pipe.xack(self.stream, self.group, delivery.id)
-            pipe.xdel(self.stream, delivery.id)
+                pipe.xadd(self.stream, _stream_fields(delivery.job, body, attempt, delivery.enqueued_at))  # type: ignore[arg-type]
+            self._settle(pipe, delivery)
             await pipe.execute()
 
     async def dead_letter(self, delivery: Delivery, record: Mapping[str, Any]) -> None:
         fields = {key: value if isinstance(value, str) else json.dumps(value) for key, value in record.items()}
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.dead_letter_stream, fields)  # type: ignore[arg-type]
-            pipe.xack(self.stream, self.group, delivery.id)
-            pipe.xdel(self.stream, delivery.id)
+            self._settle(pipe, delivery)
             await pipe.execute()
+
+    def _settle(self, pipe: Any, delivery: Delivery) -> None:
+        """Done with this delivery: acknowledge it and drop it from the stream."""
+        pipe.xack(self.stream, self.group, delivery.id)
+        pipe.xdel(self.stream, delivery.id)
 
     async def release(self, delivery: Delivery) -> None:
         """Leave it pending: another consumer reclaims it after ``claim_idle``."""
