@@ -112,14 +112,19 @@ class _Builder:
         except DependencyError as exc:
             raise DependencyError(f"{self.where(path, param)}: {exc}") from exc
 
-    # -- job scope --------------------------------------------------------------------
-    def depend(self, marker: Depends, path: tuple[str, ...], keys: tuple[Hashable, ...], param: str) -> ArgSource:
-        assert marker.dependency is not None
-        provider = self.resolve(marker.dependency, path, param)
+    def no_cycle(self, provider: Provider, path: Sequence[str], keys: tuple[Hashable, ...]) -> Hashable:
+        """The provider's cache key, after checking it is not already on the path."""
         key = cache_key(provider.call)
         if key in keys:
             cycle = " -> ".join((*path, provider.label)[keys.index(key) :])
             raise DependencyError(f"dependency cycle in job {self.job_name!r} ({self.job_label}): {cycle}")
+        return key
+
+    # -- job scope --------------------------------------------------------------------
+    def depend(self, marker: Depends, path: tuple[str, ...], keys: tuple[Hashable, ...], param: str) -> ArgSource:
+        assert marker.dependency is not None
+        provider = self.resolve(marker.dependency, path, param)
+        key = self.no_cycle(provider, path, keys)
         if provider.scope == "worker":
             slot = self.worker_slots.get(key)
             if slot is None:
@@ -181,10 +186,7 @@ class _Builder:
             if p.source is Source.DEPENDS:
                 assert p.depends is not None
                 sub = self.resolve(p.depends.dependency, path, p.name)  # type: ignore[arg-type]
-                sub_key = cache_key(sub.call)
-                if sub_key in keys:
-                    cycle = " -> ".join((*path, sub.label)[keys.index(sub_key) :])
-                    raise DependencyError(f"dependency cycle in job {self.job_name!r} ({self.job_label}): {cycle}")
+                sub_key = self.no_cycle(sub, path, keys)
                 if sub.scope != "worker":
                     raise DependencyError(
                         f"{self.where(path, p.name)}: worker-scoped {provider.label} cannot depend "

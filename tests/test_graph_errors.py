@@ -236,3 +236,22 @@ def test_override_graph_errors_are_reported_when_the_plan_is_compiled() -> None:
     rt = Runtime(dependency_overrides={original: replacement})
     with pytest.raises(DependencyError, match=r"replacement, parameter 'unknown'"):
         rt.plan(uses)
+
+
+def test_cycle_among_worker_scoped_dependencies_is_reported() -> None:
+    @dependency(scope="worker")
+    def first(x: Any = None) -> None:
+        pass
+
+    @dependency(scope="worker")
+    def second(y=Depends(first)) -> None:
+        pass
+
+    first.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter("x", inspect.Parameter.KEYWORD_ONLY, default=Depends(second))]
+    )
+    with pytest.raises(DependencyError, match=r"dependency cycle in job 'uses'.*first -> .*second -> .*first$"):
+
+        @job
+        async def uses(v=Depends(first)) -> None:
+            pass
