@@ -210,35 +210,48 @@ async def measure(
                 samples[name].append((time.perf_counter() - started) / jobs * 1e6)
                 EVENTS.clear()
     report += [{"name": name, "us": statistics.median(samples[name])} for name, _ in ready]
-    floor = next((r["us"] for r in report if "floor" in r["name"] and "us" in r), None)
+    floor = next((name for name, _ in ready if "floor" in name), None)
     for row in report:
-        if "us" in row and floor:
-            row["ratio"] = row["us"] / floor
+        if "us" in row and floor is not None:
+            row["ratio"] = paired_ratio(samples[row["name"]], samples[floor])
     return sorted(report, key=lambda row: row.get("us", float("inf")))
+
+
+def paired_ratio(samples: list[float], floor: list[float]) -> float:
+    """Median over rounds of (library / floor) within the same round: on a shared
+    machine whose speed drifts between rounds, this is steadier than a ratio of medians."""
+    return statistics.median(value / base for value, base in zip(samples, floor, strict=True))
 
 
 # -- scaling: width and depth -------------------------------------------------------------
 
 
 def generated(depends: Callable[..., Any], shape: str, size: int) -> Callable[..., Any]:
-    """A tree of ``size`` async generators: side by side (width) or chained (depth)."""
+    """A tree of ``size`` async generators: side by side (width) or chained (depth);
+    each awaits in its teardown."""
     lines = []
     for i in range(size):
         arg = f"x=depends(n{i - 1})" if shape == "depth" and i else ""
-        lines.append(f"async def n{i}({arg}):\n    yield {i}\n")
+        lines.append(f"async def n{i}({arg}):\n    yield {i}\n    await release()\n")
     if shape == "width":
         params = ", ".join(f"a{i}=depends(n{i})" for i in range(size))
     else:
         params = f"a=depends(n{size - 1})"
     lines.append(f"async def handle({params}):\n    return 1\n")
-    namespace: dict[str, Any] = {"depends": depends}
+    namespace: dict[str, Any] = {"depends": depends, "release": _release}
     exec("\n".join(lines), namespace)
     return namespace["handle"]  # type: ignore[no-any-return]
+
+
+async def _release() -> None:
+    """Each generated generator awaits this in its teardown, as a real resource would
+    (it returns at once; the await is what makes lifecycle guard the teardown)."""
 
 
 def generated_floor(shape: str, size: int) -> JobFn:
     async def node(x: int = 0) -> Any:
         yield x
+        await _release()
 
     managers = asynccontextmanager(node)
 
@@ -289,7 +302,9 @@ async def _time_plain(entries: list[Candidate], rounds: int, jobs: int) -> dict[
                 for _ in range(jobs):
                     await job()
                 samples[name].append((time.perf_counter() - started) / jobs * 1e6)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    medians["ratio"] = paired_ratio(samples["lifecycle"], samples["floor"])
+    return medians
 
 
 # -- memory per in-flight job ---------------------------------------------------------------
@@ -420,7 +435,7 @@ def versions() -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    out = ["| library | µs/job (median) | × floor |", "|---|---:|---:|"]
+    out = ["| library | µs/job (median) | × floor (median of per-round ratios) |", "|---|---:|---:|"]
     for row in rows:
         if "error" in row:
             out.append(f"| {row['name']} | not timed: {row['error']} | |")
@@ -438,14 +453,13 @@ async def main_async(args: argparse.Namespace, backend: str, lines: list[str]) -
     lines.append("")
     lines += table(await measure(candidates(True), backend, args.rounds, args.jobs, worker_pool=True))
     lines.append("")
-    lines.append(f"### Scaling with tree shape (async generators only), {backend}")
+    lines.append(f"### Scaling with tree shape (async generators awaiting in teardown), {backend}")
     lines.append("")
     lines.append("| shape | size | floor µs/job | lifecycle µs/job | × floor |")
     lines.append("|---|---:|---:|---:|---:|")
     for row in await measure_scaling(backend, args.rounds, args.jobs):
         lines.append(
-            f"| {row['shape']} | {row['size']} | {row['floor']:.1f} | {row['lifecycle']:.1f} | "
-            f"{row['lifecycle'] / row['floor']:.2f} |"
+            f"| {row['shape']} | {row['size']} | {row['floor']:.1f} | {row['lifecycle']:.1f} | {row['ratio']:.2f} |"
         )
     lines.append("")
     lines.append(f"### Worker throughput, no-op jobs ({args.messages} messages), {backend}")

@@ -17,6 +17,13 @@ from typing import Any, NewType
 EVENTS: list[str] = []
 
 
+async def commit() -> None:
+    """tx's teardown awaits this, as a real commit would (it returns without
+    suspending, so no library pays for an event-loop round trip). An ``await`` in
+    teardown is what makes lifecycle shield and bound it (see benchmarks/README.md)."""
+    EVENTS.append("-tx(commit)")
+
+
 def make_tree(depends: Callable[..., Any], inline: Callable[[Any], Any] = lambda f: f) -> Callable[..., Any]:
     """The tree with ``depends`` as the marker (FastAPI, FastDepends, taskiq and lifecycle
     all spell it ``param = Depends(f)``); ``inline`` marks sync providers to run on the
@@ -40,7 +47,7 @@ def make_tree(depends: Callable[..., Any], inline: Callable[[Any], Any] = lambda
     async def tx(c: str = depends(conn)) -> AsyncIterator[str]:
         EVENTS.append("+tx")
         yield "tx"
-        EVENTS.append("-tx(commit)")
+        await commit()
 
     async def cache(cfg: dict[str, str] = depends(config)) -> AsyncIterator[str]:
         EVENTS.append("+cache")
@@ -103,7 +110,7 @@ async def _conn(p: str) -> AsyncIterator[str]:
 async def _tx(c: str) -> AsyncIterator[str]:
     EVENTS.append("+tx")
     yield "tx"
-    EVENTS.append("-tx(commit)")
+    await commit()
 
 
 @asynccontextmanager
@@ -180,7 +187,7 @@ def make_dishka_provider(pool_scope: str) -> Any:
         async def tx(self, c: Conn) -> AsyncIterator[Tx]:
             EVENTS.append("+tx")
             yield Tx("tx")
-            EVENTS.append("-tx(commit)")
+            await commit()
 
         @provide(scope=Scope.REQUEST)
         async def cache(self, cfg: Config) -> AsyncIterator[Cache]:

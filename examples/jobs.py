@@ -1,10 +1,10 @@
 """Jobs for the command line: ``lifecycle list examples/jobs.py``.
 
-    lifecycle run examples/jobs.py:greet --name Ada --times 2
-    lifecycle run examples/jobs.py:greet --help
-    lifecycle graph examples/jobs.py:greet --format mermaid
-    printf '{"name": "Ada"}\\n{"name": "Bob"}\\n' | lifecycle run examples/jobs.py:greet --jsonl -
-    lifecycle run examples/jobs.py:worker          # consumes 5 queued messages; Ctrl-C to stop
+lifecycle run examples/jobs.py:greet --name Ada --times 2
+lifecycle run examples/jobs.py:greet --help
+lifecycle graph examples/jobs.py:greet --format mermaid
+printf '{"name": "Ada"}\\n{"name": "Bob"}\\n' | lifecycle run examples/jobs.py:greet --jsonl -
+lifecycle run examples/jobs.py:worker          # consumes 5 queued messages; Ctrl-C to stop
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ comes from. Everything here runs at decoration or plan-compile time, never per j
 
 from __future__ import annotations
 
+import dis
 import enum
 import functools
 import inspect
@@ -56,6 +57,7 @@ class Provider:
     label: str
     var_positional: str | None = None  # the name of a ``*args`` parameter, if any
     var_keyword: bool = False  # takes ``**kwargs``
+    never_awaits: bool = False  # an async generator whose code cannot suspend
 
     @property
     def scope(self) -> str:
@@ -114,6 +116,30 @@ def detect_kind(call: Any) -> Kind:
             break
         obj = dunder
     return Kind.FUNCTION
+
+
+# Every way Python code can suspend: ``await`` (also inside ``async with``) needs
+# GET_AWAITABLE/SEND, ``async for`` GET_AITER/GET_ANEXT.
+_SUSPENDING_OPS = frozenset({"GET_AWAITABLE", "SEND", "GET_AITER", "GET_ANEXT", "BEFORE_ASYNC_WITH", "END_ASYNC_FOR"})
+
+
+def never_awaits(call: Any) -> bool:
+    """True when ``call`` runs an ``async def ... yield`` function whose code contains no
+    ``await``, ``async for`` or ``async with``. Its teardown then cannot suspend, so
+    cancellation cannot reach it and it cannot overrun a deadline: it needs neither a
+    shield nor a bound. Anything less certain (a ``__wrapped__`` chain, a builtin)
+    counts as possibly suspending."""
+    obj = call
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    if inspect.ismethod(obj):
+        obj = obj.__func__
+    elif not inspect.isfunction(obj):
+        dunder = getattr(type(obj), "__call__", None)  # noqa: B004 - the class attribute
+        obj = getattr(dunder, "__func__", dunder)
+    if not (inspect.isfunction(obj) and inspect.isasyncgenfunction(obj)):
+        return False
+    return not any(ins.opname in _SUSPENDING_OPS for ins in dis.get_instructions(obj.__code__))
 
 
 def _signature(call: Callable[..., Any], owner: str) -> inspect.Signature:
@@ -210,14 +236,16 @@ def analyse(call: Callable[..., Any]) -> Provider:
         param for name, p in sig.parameters.items() if (param := classify(name, p, f"dependency {owner}")) is not None
     )
     kinds = {p.kind: name for name, p in sig.parameters.items()}
+    kind = detect_kind(call)
     provider = Provider(
         call,
-        detect_kind(call),
+        kind,
         options_of(call),
         params,
         owner,
         var_positional=kinds.get(inspect.Parameter.VAR_POSITIONAL),
         var_keyword=inspect.Parameter.VAR_KEYWORD in kinds,
+        never_awaits=kind == Kind.ASYNC_GENERATOR and never_awaits(call),
     )
     try:
         _cache[call] = provider

@@ -2,35 +2,39 @@
 exact reverse with the pending exception thrown into each generator at its ``yield``
 (the semantics of nested ``async with`` / ``contextlib.AsyncExitStack``).
 
+Setup and the body run in a function generated per plan (``_codegen``); this module
+holds what that function calls: the teardown loop and the helpers for threads.
+
 A job whose teardown can suspend gets one guard cancel scope, entered before its first
 dependency. It encloses every scope a generator opens across its ``yield``, so scopes
 are exited in LIFO order on asyncio and trio alike; at teardown it is shielded from
-outer cancellation. Each suspending teardown takes a watchdog ticket (see
-``_watchdog``), which cancels the guard if that teardown overruns. After an overrun the
-guard stays cancelled, so the remaining teardowns each get a fresh shielded scope with
-their own deadline."""
+outer cancellation. The watchdog (see ``_watchdog``) holds a deadline for the guard,
+restarted at each suspending teardown, and cancels the guard if that teardown overruns.
+After an overrun the guard stays cancelled, so the remaining teardowns each get a fresh
+shielded scope with their own deadline. A job whose generators cannot suspend in
+teardown (sync ones inline, async ones that never await) needs none of this."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import time
-from collections.abc import Callable, Generator
-from typing import Any, Protocol
+from collections.abc import Callable, Generator, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from anyio import CancelScope
 
 from ._analysis import Kind, Provider
-from ._context import JobContext
 from ._errors import DependencyError, JobTimeout, TeardownTimeout
-from ._plan import CONST, CONTEXT, PAYLOAD, SLOT, Arguments, Plan, WorkerNode
 from ._watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from ._codegen import Runner
+    from ._plan import Plan, WorkerNode
 
 _MISSING: Any = object()
 _ASYNC_GENERATOR = Kind.ASYNC_GENERATOR
-_COROUTINE = Kind.COROUTINE
-_FUNCTION = Kind.FUNCTION
 
 
 class Host(Protocol):
@@ -38,36 +42,12 @@ class Host(Protocol):
 
     teardown_timeout: float | None
     watchdog: Watchdog | None
-    scope_class: Callable[[], CancelScope]
+    scope_class: Callable[[], Any]  # the backend's cancel scope class
+
+    @property
+    def worker_values(self) -> dict[Hashable, Any]: ...
 
     async def worker_value(self, node: WorkerNode, log: Any) -> Any: ...
-
-
-# -- argument building -------------------------------------------------------------------
-
-
-def build(
-    arguments: Arguments, values: list[Any], payload: dict[str, Any], ctx: JobContext
-) -> tuple[list[Any], dict[str, Any]]:
-    keyword = {name: values[ref] for name, ref in arguments.kw_slots}
-    for name, ref in arguments.kw_payload:
-        keyword[name] = payload[ref]
-    for name in arguments.kw_context:
-        keyword[name] = ctx
-    if not arguments.positional:
-        return [], keyword
-    return [_source(tag, ref, values, payload, ctx) for tag, ref in arguments.positional], keyword
-
-
-def _source(tag: int, ref: Any, values: list[Any], payload: dict[str, Any], ctx: JobContext) -> Any:
-    if tag == SLOT:
-        return values[ref]
-    if tag == PAYLOAD:
-        return payload[ref]
-    if tag == CONTEXT:
-        return ctx
-    assert tag == CONST
-    return ref
 
 
 # -- threads and context variables ------------------------------------------------------
@@ -120,24 +100,43 @@ def _refresh(dep_ctx: contextvars.Context) -> None:
         dep_ctx.run(_apply, changes)
 
 
-async def call_threaded(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+async def call_threaded(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     ctx = contextvars.copy_context()
     outcome = await anyio.to_thread.run_sync(_captured, ctx, _call, fn, args, kwargs)
     _merge_into_current(ctx, None)
     return _unwrap(outcome)
 
 
-def _call(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+def _call(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     return fn(*args, **kwargs)
 
 
-# -- generators ------------------------------------------------------------------------
+async def call_body_threaded(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return await anyio.to_thread.run_sync(_call, fn, args, kwargs)
 
-_DONE, _SWALLOWED, _AGAIN = 0, 1, 2
+
+# -- generators ------------------------------------------------------------------------
+#
+# A job's teardown stack holds, in setup order, the generator objects themselves (or a
+# ThreadedGen for a sync generator that runs in threads); the plan's ``exits`` names
+# the provider of each position, so nothing else is allocated per dependency.
+
+DONE, SWALLOWED, AGAIN = 0, 1, 2
+
+
+class ThreadedGen:
+    """A sync generator that runs in worker threads, in a Context of its own."""
+
+    __slots__ = ("context", "gen", "tokens")
+
+    def __init__(self, gen: Generator[Any, None, None], context: contextvars.Context, propagate: bool) -> None:
+        self.gen = gen
+        self.context = context
+        self.tokens: dict[contextvars.ContextVar[Any], Any] | None = {} if propagate else None
 
 
 def _start_sync(
-    call: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]
+    call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[Generator[Any, None, None], bool, Any]:
     gen = call(*args, **kwargs)
     try:
@@ -146,16 +145,16 @@ def _start_sync(
         return gen, False, None
 
 
-def _finish_sync(gen: Generator[Any, None, None], pending: BaseException | None) -> int:
+def finish_sync(gen: Generator[Any, None, None], pending: BaseException | None) -> int:
     try:
         if pending is None:
             next(gen)
         else:
             gen.throw(pending)
     except StopIteration:
-        return _SWALLOWED if pending is not None else _DONE
+        return SWALLOWED if pending is not None else DONE
     gen.close()
-    return _AGAIN
+    return AGAIN
 
 
 def no_yield_error(provider: Provider, job: str) -> DependencyError:
@@ -172,100 +171,91 @@ def second_yield_error(provider: Provider, job: str) -> DependencyError:
     )
 
 
-class Guard:
-    """The job-level scope that shields (and, through the watchdog, bounds) teardown."""
-
-    __slots__ = ("degraded", "scope", "timeout", "watchdog")
-
-    def __init__(self, scope: CancelScope, watchdog: Watchdog | None, timeout: float | None) -> None:
-        self.scope = scope
-        self.watchdog = watchdog
-        self.timeout = timeout
-        self.degraded = False
+INLINE, ASYNC, THREADED = 0, 1, 2  # how a generator is torn down
 
 
-class Exit:
-    """One set-up generator waiting for its teardown."""
+def exit_mode(provider: Provider) -> int:
+    """ASYNC: awaited; THREADED: a sync generator finished in a worker thread; INLINE: a
+    sync generator on the event loop, whose teardown cannot suspend."""
+    if provider.kind == _ASYNC_GENERATOR:
+        return ASYNC
+    return THREADED if provider.options.threaded else INLINE
 
-    __slots__ = ("context", "gen", "provider", "tokens")
 
-    def __init__(self, provider: Provider, gen: Any, context: contextvars.Context | None) -> None:
-        self.provider = provider
-        self.gen = gen
-        self.context = context
-        self.tokens: dict[contextvars.ContextVar[Any], Any] | None = {} if context is not None else None
+async def start_sync_generator(
+    provider: Provider, args: tuple[Any, ...], kwargs: dict[str, Any], job: str, propagate: bool = True
+) -> tuple[Any, Any]:
+    """Start a sync generator dependency; returns its value and its teardown entry.
+    ``propagate=False`` keeps a threaded generator's context variables to itself (a
+    worker-scoped value must not leak them into whichever job created it)."""
+    call = provider.call
+    if provider.options.threaded:
+        ctx = contextvars.copy_context()
+        gen, started, value = _unwrap(await anyio.to_thread.run_sync(_captured, ctx, _start_sync, call, args, kwargs))
+        entry: Any = ThreadedGen(gen, ctx, propagate)
+        if propagate:
+            _merge_into_current(ctx, entry.tokens)
+    else:
+        gen, started, value = _start_sync(call, args, kwargs)
+        entry = gen
+    if not started:
+        raise no_yield_error(provider, job)
+    return value, entry
 
-    async def close(self, pending: BaseException | None, job: str, guard: Guard | None) -> bool:
-        """Finish the generator with ``pending`` thrown in. True if it swallowed it."""
-        if self.provider.kind != _ASYNC_GENERATOR and self.context is None:
-            return self._verdict(_finish_sync(self.gen, pending), pending, job)  # inline: cannot suspend
-        assert guard is not None
-        if guard.degraded:
-            return await self._close_in_fresh_scope(pending, job, guard.timeout)
-        watchdog = guard.watchdog
-        ticket = watchdog.arm(guard.scope) if watchdog is not None else None
+
+async def start_threaded_generator(
+    provider: Provider, args: tuple[Any, ...], kwargs: dict[str, Any], stack: list[Any], job: str
+) -> Any:
+    value, entry = await start_sync_generator(provider, args, kwargs, job)
+    stack.append(entry)
+    return value
+
+
+async def _finish(provider: Provider, entry: Any, pending: BaseException | None) -> int:
+    """Finish a generator whose teardown can suspend: async, or sync in threads."""
+    if provider.kind == _ASYNC_GENERATOR:
         try:
-            status = await self._finish(pending)
-        except BaseException:
-            if ticket is not None and ticket.fired:
-                guard.degraded = True
-                raise self._timeout(job, guard.timeout, pending) from None
-            raise
-        finally:
-            if ticket is not None:
-                watchdog.disarm(ticket)  # type: ignore[union-attr]
-        if ticket is not None and ticket.fired:
-            guard.degraded = True
-            raise self._timeout(job, guard.timeout, pending)
-        return self._verdict(status, pending, job)
+            if pending is None:
+                await entry.__anext__()
+            else:
+                await entry.athrow(pending)
+        except StopAsyncIteration:
+            return SWALLOWED if pending is not None else DONE
+        await entry.aclose()
+        return AGAIN
+    ctx = entry.context
+    _refresh(ctx)
+    outcome = await anyio.to_thread.run_sync(_captured, ctx, finish_sync, entry.gen, pending, abandon_on_cancel=True)
+    _merge_into_current(ctx, entry.tokens)
+    return int(_unwrap(outcome))
 
-    async def _close_in_fresh_scope(self, pending: BaseException | None, job: str, limit: float | None) -> bool:
-        deadline = anyio.current_time() + limit if limit is not None else float("inf")
-        with CancelScope(shield=True, deadline=deadline) as scope:
-            status = await self._finish(pending)
-        if scope.cancelled_caught:
-            raise self._timeout(job, limit, pending)
-        return self._verdict(status, pending, job)
 
-    async def _finish(self, pending: BaseException | None) -> int:
-        if self.provider.kind == _ASYNC_GENERATOR:
-            agen = self.gen
-            try:
-                if pending is None:
-                    await agen.__anext__()
-                else:
-                    await agen.athrow(pending)
-            except StopAsyncIteration:
-                return _SWALLOWED if pending is not None else _DONE
-            await agen.aclose()
-            return _AGAIN
-        ctx = self.context
-        assert ctx is not None
-        _refresh(ctx)
-        outcome = await anyio.to_thread.run_sync(
-            _captured, ctx, _finish_sync, self.gen, pending, abandon_on_cancel=True
-        )
-        _merge_into_current(ctx, self.tokens)
-        return int(_unwrap(outcome))
+async def _finish_in_fresh_scope(
+    provider: Provider, entry: Any, pending: BaseException | None, limit: float | None
+) -> int:
+    """Finish with a shielded scope of its own; -1 if it overran ``limit``."""
+    deadline = anyio.current_time() + limit if limit is not None else float("inf")
+    with CancelScope(shield=True, deadline=deadline):
+        return await _finish(provider, entry, pending)
+    return -1  # cancelled by its deadline
 
-    def _verdict(self, status: int, pending: BaseException | None, job: str) -> bool:
-        if status == _AGAIN:
-            err = second_yield_error(self.provider, job)
-            err.__context__ = pending
-            raise err
-        return status == _SWALLOWED
 
-    def _timeout(self, job: str, limit: float | None, cause: BaseException | None) -> TeardownTimeout:
-        err = teardown_timeout_error(self.provider, limit, job)
-        err.__context__ = cause
-        return err
+def _timeout(provider: Provider, job: str, limit: float | None, cause: BaseException | None) -> TeardownTimeout:
+    err = teardown_timeout_error(provider, limit, job)
+    err.__context__ = cause
+    return err
 
-    async def close_alone(self, limit: float | None) -> None:
-        """Finish a worker-scoped generator at runtime close: normal exit, bounded."""
-        if self.provider.kind != _ASYNC_GENERATOR and self.context is None:
-            self._verdict(_finish_sync(self.gen, None), None, WORKER_SCOPE)
-        else:
-            await self._close_in_fresh_scope(None, WORKER_SCOPE, limit)
+
+async def close_alone(provider: Provider, entry: Any, limit: float | None) -> None:
+    """Finish a worker-scoped sync generator at runtime close: normal exit, bounded."""
+    if provider.options.threaded:
+        status = await _finish_in_fresh_scope(provider, entry, None, limit)
+        if status < 0:
+            raise _timeout(provider, WORKER_SCOPE, limit, None)
+    else:
+        status = finish_sync(entry, None)
+    if status == AGAIN:
+        raise second_yield_error(provider, WORKER_SCOPE)
 
 
 WORKER_SCOPE = "<worker scope>"
@@ -278,164 +268,153 @@ def teardown_timeout_error(provider: Provider, limit: float | None, job: str = W
     )
 
 
-# -- one attempt -------------------------------------------------------------------------
+# -- teardown --------------------------------------------------------------------------
 
 
 def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
 
-async def setup_generator(
-    provider: Provider, args: list[Any], kwargs: dict[str, Any], stack: list[Exit], job: str, propagate: bool = True
-) -> Any:
-    """Start a generator dependency and push it onto ``stack`` for teardown.
-    ``propagate=False`` keeps a threaded generator's context variables to itself (a
-    worker-scoped value must not leak them into whichever job created it)."""
-    call = provider.call
-    if provider.kind == _ASYNC_GENERATOR:
-        agen = call(*args, **kwargs)
-        try:
-            value = await agen.__anext__()
-        except StopAsyncIteration:
-            raise no_yield_error(provider, job) from None
-        stack.append(Exit(provider, agen, None))
-        return value
-    if provider.options.threaded:
-        ctx = contextvars.copy_context()
-        gen, started, value = _unwrap(await anyio.to_thread.run_sync(_captured, ctx, _start_sync, call, args, kwargs))
-        entry = Exit(provider, gen, ctx)
-        if propagate:
-            _merge_into_current(ctx, entry.tokens)
+RAISED, YIELDED, FINISHED = 0, 1, 2  # what went wrong in a generated clean teardown (see resume_unwind)
+
+
+async def _resumed(entry: Any, mode: int, happened: int, error: BaseException | None) -> int:
+    """The status of a teardown the generated clean path already ran."""
+    if happened == RAISED:
+        assert error is not None
+        raise error
+    if happened == FINISHED:  # but the watchdog fired meanwhile
+        return DONE
+    if mode == ASYNC:
+        await entry.aclose()
     else:
-        gen, started, value = _start_sync(call, args, kwargs)
-        entry = Exit(provider, gen, None)
-    if not started:
-        raise no_yield_error(provider, job)
-    stack.append(entry)
-    return value
+        entry.close()
+    return AGAIN
 
 
 async def unwind(
-    stack: list[Exit], exc: BaseException | None, job: str, guard: Guard | None, log: Any, trace: Any
+    stack: list[Any],
+    exits: tuple[tuple[Provider, int], ...],
+    exc: BaseException | None,
+    job: str,
+    guard: CancelScope | None,
+    host: Host,
+    log: Any,
+    trace: Any,
+    armed: bool = False,
+    resume: tuple[int, BaseException | None] | None = None,
 ) -> None:
     """Tear down ``stack`` in reverse, threading the pending exception through it.
-    ``trace`` is ``log`` when per-dependency debug events are wanted, else None."""
+    ``exits[i]`` is the provider of ``stack[i]`` and its teardown mode; ``guard`` is the
+    job's guard scope (None when no teardown can suspend: then nothing is armed);
+    ``trace`` is ``log`` when
+    per-dependency debug events are wanted, else None. The watchdog's clock for the
+    guard restarts at each suspending teardown (``armed``: the caller started it).
+    ``resume`` says what happened to the top entry when the generated clean path
+    already tore it down."""
     pending = exc
     started = 0.0
-    while stack:
-        entry = stack.pop()
-        if trace is not None:
-            started = time.perf_counter()
-        try:
-            swallowed = await entry.close(pending, job, guard)
-        except BaseException as new:
-            if isinstance(new, TeardownTimeout):
-                log.error("dependency.teardown_timeout", dependency=entry.provider.label, error=str(new))
-            pending = new
-        else:
-            if swallowed and pending is not None:
-                log.warning(
-                    "dependency.swallowed_exception",
-                    dependency=entry.provider.label,
-                    error=f"{type(pending).__name__}: {pending}",
-                )
-                note = (
-                    f"lifecycle: dependency {entry.provider.label} swallowed "
-                    f"{type(pending).__name__}({pending}) during teardown; job {job!r} still fails"
-                )
-                if exc is not None and note not in getattr(exc, "__notes__", ()):
-                    exc.add_note(note)
-                pending = None
-        if trace is not None:
-            trace.debug("dependency.teardown", dependency=entry.provider.label, duration_ms=_ms_since(started))
+    watchdog = host.watchdog
+    degraded = False  # the watchdog fired: the guard is cancelled for good
+    try:
+        while stack:
+            entry = stack.pop()
+            provider, mode = exits[len(stack)]
+            if trace is not None:
+                started = time.perf_counter()
+            try:
+                if resume is None and mode == INLINE:
+                    status = finish_sync(entry, pending)
+                elif resume is None and degraded:
+                    status = await _finish_in_fresh_scope(provider, entry, pending, host.teardown_timeout)
+                    if status < 0:
+                        raise _timeout(provider, job, host.teardown_timeout, pending)
+                else:
+                    given, resume = resume, None
+                    if given is None and watchdog is not None and guard is not None:
+                        watchdog.arm(guard)
+                        armed = True
+                    try:
+                        if given is not None:
+                            status = await _resumed(entry, mode, *given)
+                        else:
+                            status = await _finish(provider, entry, pending)
+                    except BaseException:
+                        if armed and watchdog.fired(guard):  # type: ignore[union-attr]
+                            degraded = True
+                            raise _timeout(provider, job, host.teardown_timeout, pending) from None
+                        raise
+                    if armed and watchdog.fired(guard):  # type: ignore[union-attr]
+                        degraded = True
+                        raise _timeout(provider, job, host.teardown_timeout, pending)
+                if status == AGAIN:
+                    err = second_yield_error(provider, job)
+                    err.__context__ = pending
+                    raise err
+            except BaseException as new:
+                if isinstance(new, TeardownTimeout):
+                    log.error("dependency.teardown_timeout", dependency=provider.label, error=str(new))
+                pending = new
+            else:
+                if status == SWALLOWED:
+                    assert pending is not None
+                    log.warning(
+                        "dependency.swallowed_exception",
+                        dependency=provider.label,
+                        error=f"{type(pending).__name__}: {pending}",
+                    )
+                    note = (
+                        f"lifecycle: dependency {provider.label} swallowed "
+                        f"{type(pending).__name__}({pending}) during teardown; job {job!r} still fails"
+                    )
+                    if exc is not None and note not in getattr(exc, "__notes__", ()):
+                        exc.add_note(note)
+                    pending = None
+            if trace is not None:
+                trace.debug("dependency.teardown", dependency=provider.label, duration_ms=_ms_since(started))
+    finally:
+        if armed:
+            watchdog.disarm(guard)  # type: ignore[union-attr]
     if pending is not None:
         raise pending
     if exc is not None:
         raise exc
 
 
-async def execute(
+async def resume_unwind(
+    stack: list[Any],
+    exits: tuple[tuple[Provider, int], ...],
+    index: int,
+    happened: int,
+    error: BaseException | None,
+    job: str,
+    guard: CancelScope | None,
+    host: Host,
+    log: Any,
+    armed: bool,
+) -> None:
+    """Hand a clean teardown that went wrong at ``exits[index]`` over to ``unwind``; the
+    exits above it were torn down without incident. Returns (and the job succeeds) only
+    if an outer dependency swallows the error, as with nested ``async with``."""
+    del stack[index + 1 :]
+    await unwind(stack, exits, None, job, guard, host, log, None, armed, (happened, error))
+
+
+# -- one attempt -------------------------------------------------------------------------
+
+
+async def run_with_timeout(
     plan: Plan,
+    runner: Runner,
     payload: dict[str, Any],
     extras: dict[str, Any] | None,
-    ctx: JobContext,
+    ctx: Any,
     host: Host,
-    timeout: float | None,
     log: Any,
+    timeout: float,
+    attempt: int,
 ) -> Any:
-    """Set up, run and tear down one attempt; return the body's result."""
-    if timeout is None:
-        return await _guarded(plan, payload, extras, ctx, host, log)
+    """Run one attempt under the job's timeout (the plan's runner does the rest)."""
     with CancelScope(deadline=anyio.current_time() + timeout):
-        return await _guarded(plan, payload, extras, ctx, host, log)
-    raise JobTimeout(f"job {plan.job_name!r} ({plan.job_label}) timed out after {timeout}s (attempt {ctx.attempt})")
-
-
-async def _guarded(
-    plan: Plan, payload: dict[str, Any], extras: dict[str, Any] | None, ctx: JobContext, host: Host, log: Any
-) -> Any:
-    if not plan.guarded:
-        return await _attempt(plan, payload, extras, ctx, host, None, log)
-    guard = Guard(host.scope_class(), host.watchdog, host.teardown_timeout)
-    with guard.scope:
-        return await _attempt(plan, payload, extras, ctx, host, guard, log)
-    # Only the watchdog cancels the guard, and unwind() turns that into TeardownTimeout.
-    raise AssertionError("unreachable: the guard scope swallowed an exception")  # pragma: no cover
-
-
-async def _attempt(
-    plan: Plan,
-    payload: dict[str, Any],
-    extras: dict[str, Any] | None,
-    ctx: JobContext,
-    host: Host,
-    guard: Guard | None,
-    log: Any,
-) -> Any:
-    values: list[Any] = [None] * plan.slots
-    stack: list[Exit] = []
-    job = plan.job_name
-    trace = log if log.debug_enabled else None  # per-dependency events cost; skip when filtered
-    started = 0.0
-    try:
-        for step in plan.steps:
-            if trace is not None:
-                started = time.perf_counter()
-            provider = step.provider
-            if step.worker is not None:
-                values[step.slot] = await host.worker_value(step.worker, log)
-                continue
-            args, kwargs = build(step.arguments, values, payload, ctx)
-            kind = provider.kind
-            if kind == _COROUTINE:
-                value = await provider.call(*args, **kwargs)
-            elif kind == _FUNCTION:
-                if provider.options.threaded:
-                    value = await call_threaded(provider.call, args, kwargs)
-                else:
-                    value = provider.call(*args, **kwargs)
-            else:
-                value = await setup_generator(provider, args, kwargs, stack, job)
-            values[step.slot] = value
-            if trace is not None:
-                trace.debug("dependency.setup", dependency=provider.label, duration_ms=_ms_since(started))
-        args, kwargs = build(plan.body_arguments, values, payload, ctx)
-        if extras:
-            kwargs.update(extras)
-        body = plan.body
-        if body.kind == _COROUTINE:
-            result = await body.call(*args, **kwargs)
-        elif body.options.threaded:
-            result = await anyio.to_thread.run_sync(_call, body.call, args, kwargs)
-        else:
-            result = body.call(*args, **kwargs)
-    except BaseException as exc:
-        if guard is not None:
-            guard.scope.shield = True
-        await unwind(stack, exc, job, guard, log, trace)
-        raise  # pragma: no cover - unwind always raises here
-    if stack:
-        if guard is not None:
-            guard.scope.shield = True
-        await unwind(stack, None, job, guard, log, trace)
-    return result
+        return await runner(payload, extras, ctx, host, log)
+    raise JobTimeout(f"job {plan.job_name!r} ({plan.job_label}) timed out after {timeout}s (attempt {attempt})")

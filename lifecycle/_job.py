@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from ._analysis import EMPTY, Kind, Param, Provider, Source, analyse, label
+from ._codegen import compile_binder
 from ._errors import DependencyError, PayloadError
 from ._markers import DEFAULT_OPTIONS, Depends
 from ._plan import Plan, compile_plan
@@ -72,6 +73,13 @@ class Job(Generic[P, R]):
         self._positional = tuple(p.name for p in self.params if p.kind is not inspect.Parameter.KEYWORD_ONLY)
         self._required = tuple(p.name for p in self.params if p.default is EMPTY)
         self._defaults = tuple((p.name, p.default) for p in self.params if p.default is not EMPTY)
+        # For the common calls (all positional, or all by name), a shortcut that checks less.
+        keyword_only = [p for p in self.params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        self._bind_positional: Callable[[tuple[Any, ...]], dict[str, Any]] | None = None
+        if all(p.default is not EMPTY for p in keyword_only):
+            defaults = [(p.name, p.default) for p in keyword_only]
+            self._bind_positional = compile_binder(self._positional, defaults)
+        self._required_set = frozenset(self._required)
         self.accepts_extra = self.body.var_keyword
         # Validate now: a broken graph is reported where the job is declared.
         try:
@@ -95,6 +103,15 @@ class Job(Generic[P, R]):
         self, args: tuple[Any, ...], kwargs: Mapping[str, Any]
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Match call arguments to the job's parameters; every problem in one error."""
+        if not kwargs:
+            if len(args) == len(self._positional) and self._bind_positional is not None:
+                return self._bind_positional(args), None
+        elif not args and self._required_set <= kwargs.keys() <= self.payload_names:
+            named = dict(kwargs)
+            for name, default in self._defaults:
+                if name not in named:
+                    named[name] = default
+            return named, None
         problems: list[str] = []
         bound: dict[str, Any] = {}
         extras: dict[str, Any] | None = None

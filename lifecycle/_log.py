@@ -13,11 +13,22 @@ LOG: Any = structlog.get_logger("lifecycle")
 _levels_by_wrapper: dict[Any, tuple[bool, bool]] = {}
 
 
+_MISSING = object()
+
+
+def _wrapper_class() -> Any:
+    # One attribute read instead of get_config(), which builds a dict per call; this
+    # runs once per job. Falls back to the public API if structlog's internals move.
+    config = getattr(structlog._config, "_CONFIG", None)
+    wrapper = getattr(config, "default_wrapper_class", _MISSING)
+    return wrapper if wrapper is not _MISSING else structlog.get_config()["wrapper_class"]
+
+
 def enabled_levels() -> tuple[bool, bool]:
     """(debug, info) enabled under the current structlog configuration. Wrapper classes
     that cannot say (stdlib's BoundLogger, custom ones) count as enabled: the event is
     then emitted and their own filtering decides."""
-    wrapper = structlog.get_config()["wrapper_class"]
+    wrapper = _wrapper_class()
     known = _levels_by_wrapper.get(wrapper)
     if known is None:
         known = (True, True)
@@ -35,16 +46,18 @@ def enabled_levels() -> tuple[bool, bool]:
 class JobLog:
     """A logger for one job attempt, bound to job, job_id and attempt on first use."""
 
-    __slots__ = ("_bound", "_fields", "debug_enabled", "info_enabled")
+    __slots__ = ("_bound", "attempt", "debug_enabled", "info_enabled", "job", "job_id")
 
-    def __init__(self, **fields: Any) -> None:
-        self._fields = fields
+    def __init__(self, job: str, job_id: str, attempt: int) -> None:
+        self.job = job
+        self.job_id = job_id
+        self.attempt = attempt
         self._bound: Any = None
         self.debug_enabled, self.info_enabled = enabled_levels()
 
     def bound(self) -> Any:
         if self._bound is None:
-            self._bound = LOG.bind(**self._fields)
+            self._bound = LOG.bind(job=self.job, job_id=self.job_id, attempt=self.attempt)
         return self._bound
 
     def debug(self, event: str, **kw: Any) -> None:

@@ -1,18 +1,22 @@
 """Compiling a job's dependency graph into a flat plan.
 
 A plan is the depth-first setup order with every argument already resolved to a slot,
-a job argument, the JobContext or a worker-scoped node, so that running a job is a
-straight loop with no signature inspection. All graph errors are found here."""
+a job argument, the JobContext or a worker-scoped node; ``_codegen`` turns it into the
+function that runs the job, with no signature inspection per job. All graph errors are
+found here."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._analysis import EMPTY, Kind, Param, Provider, Source, analyse, label
 from ._errors import DependencyError
 from ._markers import Depends
+
+if TYPE_CHECKING:
+    from ._codegen import Runner
 
 # Argument sources. A source is a pair (tag, ref).
 SLOT = 0  # ref: index of a value set up earlier in this job
@@ -25,17 +29,13 @@ ArgSource = tuple[int, Any]
 
 
 class Arguments:
-    """How to build ``(*args, **kwargs)`` for one call, pre-split by source so that
-    building them per job is a few comprehensions."""
+    """Where each argument of one call comes from; ``_codegen`` spells the call out."""
 
-    __slots__ = ("keyword", "kw_context", "kw_payload", "kw_slots", "positional")
+    __slots__ = ("keyword", "positional")
 
     def __init__(self, positional: tuple[ArgSource, ...] = (), keyword: tuple[tuple[str, ArgSource], ...] = ()) -> None:
         self.positional = positional
         self.keyword = keyword
-        self.kw_slots = tuple((name, ref) for name, (tag, ref) in keyword if tag == SLOT)
-        self.kw_payload = tuple((name, ref) for name, (tag, ref) in keyword if tag == PAYLOAD)
-        self.kw_context = tuple(name for name, (tag, _) in keyword if tag == CONTEXT)
 
 
 @dataclass(eq=False, slots=True)
@@ -64,15 +64,19 @@ class Plan:
     body: Provider
     body_arguments: Arguments
     steps: tuple[Step, ...]
-    slots: int
-
+    exits: tuple[Provider, ...]  # the job-scoped generators, in setup order
     guarded: bool  # some teardown can suspend, so it needs shielding and a bound
+    needs_context: bool  # some provider or the body takes the JobContext
+    run: Runner  # the generated function running one attempt (see _codegen)
+    traced: Runner  # the same, with a debug event per dependency
 
 
 def _suspends_in_teardown(step: Step) -> bool:
-    kind = step.provider.kind
+    provider = step.provider
+    kind = provider.kind
     return step.worker is None and (
-        kind == Kind.ASYNC_GENERATOR or (kind == Kind.GENERATOR and step.provider.options.threaded)
+        (kind == Kind.ASYNC_GENERATOR and not provider.never_awaits)
+        or (kind == Kind.GENERATOR and provider.options.threaded)
     )
 
 
@@ -231,6 +235,8 @@ def compile_plan(
 ) -> Plan:
     """Build the plan for one job. ``extra`` are the value-less dependencies
     (``Runtime(dependencies=...)`` first, then ``@job(dependencies=...)``)."""
+    from ._codegen import compile_runner  # it imports this module's argument tags
+
     job_label = label(body.call)
     builder = _Builder(job_name, job_label, overrides, payload)
     root = (job_label,)
@@ -247,5 +253,14 @@ def compile_plan(
         builder.depend(marker, root, keys, f"dependencies[{index}]")
     body_arguments = builder.arguments(body.params, root, keys)
     steps = tuple(builder.steps)
+    exits = tuple(step.provider for step in steps if step.worker is None and step.provider.is_generator)
     guarded = any(_suspends_in_teardown(step) for step in steps)
-    return Plan(job_name, job_label, body, body_arguments, steps, len(steps), guarded)
+    needs_context = any(
+        tag == CONTEXT
+        for arguments in (body_arguments, *(step.arguments for step in steps))
+        for tag, _ in (*arguments.positional, *(source for _, source in arguments.keyword))
+    )
+    run, traced = (
+        compile_runner(job_name, body, body_arguments, steps, exits, guarded, traced) for traced in (False, True)
+    )
+    return Plan(job_name, job_label, body, body_arguments, steps, exits, guarded, needs_context, run, traced)

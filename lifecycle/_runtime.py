@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
+import sys
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Hashable, Iterable, Iterator, Mapping
+from random import getrandbits
 from types import MappingProxyType, TracebackType
 from typing import Any, TypeVar, overload
 
@@ -15,7 +16,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ._context import JobContext
-from ._engine import execute
+from ._engine import run_with_timeout
 from ._errors import DependencyError, LifecycleError, PayloadError, Reject, Retry
 from ._job import Job, as_job
 from ._log import LOG, JobLog
@@ -36,8 +37,25 @@ def logger() -> Any:
 
 
 def _new_id() -> str:
-    """128 random bits as 32 hex digits (a uuid4 without the object)."""
-    return os.urandom(16).hex()
+    """128 random bits as 32 hex digits. An identifier, not a secret: the random module
+    (seeded from the OS, reseeded in forked children) costs a third of os.urandom."""
+    return getrandbits(128).to_bytes(16).hex()
+
+
+def _native_scope_class() -> Callable[[], Any]:
+    """The cancel scope class of the running event loop, for the one scope every job
+    with a suspending teardown enters. Under trio that is trio's own: anyio's wrapper
+    around it costs a quarter more per job. Under asyncio, anyio's scope class, created
+    directly to skip anyio's per-call backend lookup."""
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:  # trio is imported, but this is not its event loop
+            pass
+        else:
+            return trio.CancelScope  # type: ignore[no-any-return]
+    return type(anyio.CancelScope())
 
 
 class Overrides(dict[Any, Any]):
@@ -109,9 +127,8 @@ class Runtime:
         self._task_group: TaskGroup | None = None
         self.watchdog: Watchdog | None = None
         self._watchdog_scope: anyio.CancelScope | None = None
-        # The running backend's own scope class: constructing it directly skips anyio's
-        # per-call backend lookup on the hot path.
-        self.scope_class: Callable[[], anyio.CancelScope] = anyio.CancelScope
+        # The running backend's own scope class for the per-job guard (see _engine).
+        self.scope_class: Callable[[], Any] = anyio.CancelScope
         self._open = False
 
     # -- overrides ----------------------------------------------------------------------
@@ -144,14 +161,13 @@ class Runtime:
     def plan(self, fn: Callable[..., Any]) -> Plan:
         """The compiled plan ``fn`` runs with here (after overrides and runtime deps)."""
         job = as_job(fn)
+        if not self._overrides and not self.dependencies and job.error is None:
+            return job.plan  # compiled at decoration; nothing here changes it
         version = self._overrides.version
         cached = self._plans.get(job)
         if cached is not None and cached[0] == version:
             return cached[1]
-        if not self._overrides and not self.dependencies and job.error is None:
-            plan = job.plan
-        else:
-            plan = job.compile(self.dependencies, self._overrides)
+        plan = job.compile(self.dependencies, self._overrides)
         self._plans[job] = (version, plan)
         return plan
 
@@ -161,7 +177,7 @@ class Runtime:
             raise LifecycleError("this Runtime is already open")
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
-        self.scope_class = type(anyio.CancelScope())
+        self.scope_class = _native_scope_class()
         self._scope = WorkerScope(self.teardown_timeout)
         self._scope.attach(self._task_group)
         if self.teardown_timeout is not None:
@@ -199,6 +215,11 @@ class Runtime:
             raise BaseExceptionGroup("teardown of worker-scoped dependencies failed", errors)
         return None
 
+    @property
+    def worker_values(self) -> dict[Hashable, Any]:
+        """The worker-scoped values created so far, by node key (read per job)."""
+        return self._scope.values
+
     async def worker_value(self, node: WorkerNode, log: Any) -> Any:
         return await self._scope.get(node, log)
 
@@ -217,7 +238,7 @@ class Runtime:
         attempt = 1
         while True:
             try:
-                return await self.run_attempt(job, payload, extras, job_id=job_id, attempt=attempt, plan=plan)
+                return await self._attempt(job, plan, payload, extras, job_id, attempt)
             except _NOT_RETRIED as exc:
                 _log_failure(job, job_id, attempt, exc)
                 raise
@@ -259,18 +280,35 @@ class Runtime:
     ) -> Any:
         """Run exactly one attempt of an already-bound payload; for queue workers, which
         own the retry policy (and so the failure logging) themselves."""
+        job = as_job(fn)
+        return await self._attempt(job, plan or self.plan(job), payload, extras, job_id or _new_id(), attempt)
+
+    async def _attempt(
+        self,
+        job: Job[..., Any],
+        plan: Plan,
+        payload: dict[str, Any],
+        extras: dict[str, Any] | None,
+        job_id: str,
+        attempt: int,
+    ) -> Any:
         if not self._open:
             raise LifecycleError("the Runtime is not open; use `async with Runtime() as rt:`")
-        job = as_job(fn)
-        if plan is None:
-            plan = self.plan(job)
-        job_id = job_id or _new_id()
-        ctx = JobContext(job_id, job.name, attempt, MappingProxyType(payload))
-        log = JobLog(job=job.name, job_id=job_id, attempt=attempt)
-        ctx._log = log
-        started = time.perf_counter()
-        log.debug("job.started")
-        result = await execute(plan, payload, extras, ctx, self, job.timeout, log)
+        log = JobLog(job.name, job_id, attempt)
+        ctx = None
+        if plan.needs_context:
+            ctx = JobContext(job_id, job.name, attempt, MappingProxyType(payload))
+            ctx._log = log
+        started = time.perf_counter() if log.info_enabled else 0.0
+        if log.debug_enabled:
+            log.debug("job.started")
+            runner = plan.traced  # with a debug event per dependency
+        else:
+            runner = plan.run
+        if job.timeout is None:
+            result = await runner(payload, extras, ctx, self, log)
+        else:
+            result = await run_with_timeout(plan, runner, payload, extras, ctx, self, log, job.timeout, attempt)
         if log.info_enabled:
             log.info("job.succeeded", duration_ms=round((time.perf_counter() - started) * 1000, 3))
         return result

@@ -1,65 +1,55 @@
 """Bounding teardowns without a timer per teardown.
 
 Arming a cancel-scope deadline costs a timer on asyncio (about 5 µs each); jobs tear
-down several generators each. Instead every teardown takes a ticket from one watchdog
-task per runtime. All tickets share the same timeout, so deadlines arrive in order and
-a FIFO queue is enough: the watchdog sleeps until the oldest open ticket's deadline and
-cancels that ticket's scope if its teardown is still running."""
+down several generators each. Instead one watchdog task per runtime keeps a deadline
+per job in teardown, keyed by the job's guard scope: ``arm`` (re)starts the clock as
+each suspending teardown begins (it keeps running through the inline sync teardowns
+between them) and ``disarm`` stops it. A deadline is always set to now plus the one
+shared timeout, so a new deadline is never earlier than one already set: the watchdog
+can sleep until the earliest deadline it saw and never wake late. When a deadline
+passes it removes it and cancels that guard; the job sees its guard gone from
+``deadlines`` (only the watchdog removes an armed guard before the job's teardown
+ends) and reports the overrun. The generated teardown restarts the clock by writing
+``deadlines[guard]`` itself after the first ``arm``."""
 
 from __future__ import annotations
 
 import time
-from collections import deque
+from typing import Any
 
 import anyio
-from anyio import CancelScope
-
-
-class Ticket:
-    __slots__ = ("deadline", "done", "fired", "scope")
-
-    def __init__(self, scope: CancelScope, deadline: float) -> None:
-        self.scope = scope
-        self.deadline = deadline
-        self.done = False
-        self.fired = False
 
 
 class Watchdog:
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self._queue: deque[Ticket] = deque()
+        self.deadlines: dict[Any, float] = {}  # guard cancel scope -> monotonic deadline
         self._wakeup: anyio.Event | None = None
 
-    def arm(self, scope: CancelScope) -> Ticket:
-        ticket = Ticket(scope, time.monotonic() + self.timeout)
-        self._queue.append(ticket)
+    def arm(self, guard: Any) -> None:
+        """Start, or restart, the clock for the teardown now running under ``guard``."""
+        self.deadlines[guard] = time.monotonic() + self.timeout
         if self._wakeup is not None:
             self._wakeup.set()
             self._wakeup = None
-        return ticket
 
-    def disarm(self, ticket: Ticket) -> None:
-        ticket.done = True
-        queue = self._queue
-        while queue and queue[0].done:
-            queue.popleft()
+    def fired(self, guard: Any) -> bool:
+        """Whether the armed ``guard`` overran (and was cancelled)."""
+        return guard not in self.deadlines
+
+    def disarm(self, guard: Any) -> None:
+        self.deadlines.pop(guard, None)
 
     async def run(self) -> None:
-        queue = self._queue
+        deadlines = self.deadlines
         while True:
-            if not queue:
+            if not deadlines:
                 self._wakeup = wakeup = anyio.Event()
                 await wakeup.wait()
                 continue
-            ticket = queue[0]
-            if ticket.done:
-                queue.popleft()
-                continue
-            delay = ticket.deadline - time.monotonic()
-            if delay > 0:
-                await anyio.sleep(delay)
-                continue
-            queue.popleft()
-            ticket.fired = True
-            ticket.scope.cancel()
+            now = time.monotonic()
+            for guard in [guard for guard, deadline in deadlines.items() if deadline <= now]:
+                del deadlines[guard]
+                guard.cancel()
+            if deadlines:
+                await anyio.sleep(min(deadlines.values()) - now)

@@ -19,11 +19,11 @@ from anyio.abc import TaskGroup, TaskStatus
 from ._analysis import Kind, Provider
 from ._engine import (
     WORKER_SCOPE,
-    Exit,
     call_threaded,
+    close_alone,
     no_yield_error,
     second_yield_error,
-    setup_generator,
+    start_sync_generator,
     teardown_timeout_error,
 )
 from ._plan import CONST, WORKER, WorkerNode
@@ -92,10 +92,9 @@ class WorkerScope:
         return await self._create_sync_generator(provider, args, kwargs)
 
     async def _create_sync_generator(self, provider: Provider, args: list[Any], kwargs: dict[str, Any]) -> Any:
-        made: list[Exit] = []
-        value = await setup_generator(provider, args, kwargs, made, WORKER_SCOPE, propagate=False)
-        entry, limit = made[0], self.teardown_timeout
-        self._closers.append((provider, lambda: entry.close_alone(limit)))
+        value, entry = await start_sync_generator(provider, tuple(args), kwargs, WORKER_SCOPE, propagate=False)
+        limit = self.teardown_timeout
+        self._closers.append((provider, lambda: close_alone(provider, entry, limit)))
         return value
 
     async def close(self, log: Any) -> list[BaseException]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,7 +25,34 @@ def _drop(_logger: Any, _name: str, _event: Any) -> Any:
 
 # The library never configures structlog; the test suite silences it so that the
 # default console renderer does not flood the output. capture_logs() still works.
-structlog.configure(processors=[_drop])
+# INFO, as in production: jobs then take the untraced runner (no per-dependency debug
+# events). Tests of the traced runner ask for the ``debug_logs`` fixture.
+structlog.configure(processors=[_drop], wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+
+
+@contextlib.contextmanager
+def structlog_level(level: int) -> Iterator[None]:
+    previous = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(level))
+    try:
+        yield
+    finally:
+        structlog.configure(**previous)
+
+
+@pytest.fixture(params=["untraced", "traced"])
+def both_runners(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Run the test with each of a plan's two runners: the untraced one (generated clean
+    teardown after a successful body) and the traced one (the general teardown loop)."""
+    with structlog_level(logging.DEBUG if request.param == "traced" else logging.INFO):
+        yield
+
+
+@pytest.fixture
+def debug_logs() -> Iterator[None]:
+    """DEBUG level for one test: jobs run the traced plan runner."""
+    with structlog_level(logging.DEBUG):
+        yield
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -1,11 +1,14 @@
 """Every kind of callable is a valid dependency, in every declaration style."""
 
 import functools
-from typing import Annotated
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
+import anyio
 import pytest
 
 from lifecycle import Depends, JobContext, Runtime, dependency
+from lifecycle._analysis import never_awaits
 
 pytestmark = pytest.mark.anyio
 
@@ -199,6 +202,20 @@ async def test_job_with_extra_keyword_arguments() -> None:
         assert await rt.run(job, name="a", b=1) == {"name": "a", "b": 1}
 
 
+@pytest.mark.parametrize("threaded", [True, False])
+async def test_sync_job_body_with_extra_keyword_arguments_and_a_dependency(threaded: bool) -> None:
+    def gen() -> Any:
+        yield "dep"
+
+    @dependency(threaded=threaded)
+    def job(name: str, d: str = Depends(gen), **extra: object) -> dict[str, object]:
+        return {"name": name, "d": d, **extra}
+
+    async with Runtime() as rt:
+        assert await rt.run(job, "a", b=1) == {"name": "a", "d": "dep", "b": 1}
+        assert await rt.run(job, "a") == {"name": "a", "d": "dep"}
+
+
 async def test_positional_only_parameters() -> None:
     def base() -> int:
         return 10
@@ -238,3 +255,123 @@ def test_dependency_decorator_rejects_bad_scope_and_targets() -> None:
         dependency(Service("x").method)
     with pytest.raises(TypeError, match="callable"):
         Depends(42)  # type: ignore[arg-type]
+
+
+# -- async generators that never await need no teardown guard ----------------------------
+
+
+async def _quiet() -> AsyncIterator[int]:
+    yield 1
+
+
+async def _awaits_in_teardown() -> AsyncIterator[int]:
+    yield 1
+    await anyio.lowlevel.checkpoint()
+
+
+async def _awaits_in_setup() -> AsyncIterator[int]:
+    await anyio.lowlevel.checkpoint()
+    yield 1
+
+
+async def _async_for() -> AsyncIterator[int]:
+    async for value in _quiet():
+        yield value
+
+
+async def _async_with() -> AsyncIterator[int]:
+    async with anyio.Lock():
+        yield 1
+
+
+async def _in_comprehension() -> AsyncIterator[list[int]]:
+    yield [value async for value in _quiet()]
+
+
+class _QuietMethods:
+    async def method(self) -> AsyncIterator[int]:
+        yield 1
+
+    async def __call__(self) -> AsyncIterator[int]:
+        yield 1
+
+
+def _wraps_quiet(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        (_quiet, True),
+        (functools.partial(_quiet), True),
+        (_QuietMethods().method, True),
+        (_QuietMethods(), True),
+        (_awaits_in_teardown, False),
+        (_awaits_in_setup, False),  # conservative: any await anywhere counts
+        (_async_for, False),
+        (_async_with, False),
+        (_in_comprehension, False),
+        (_wraps_quiet(_quiet), False),  # a wrapper may do anything: assume it suspends
+        (sync_gen, False),
+        (async_fn, False),
+    ],
+)
+def test_never_awaits_is_certain_or_false(call: Any, expected: bool) -> None:
+    assert never_awaits(call) is expected
+
+
+async def test_plan_of_quiet_generators_is_unguarded_and_keeps_cancel_scopes_in_order() -> None:
+    events: list[str] = []
+
+    async def scoped() -> AsyncIterator[str]:
+        with anyio.CancelScope():  # held across yield, exited at teardown
+            yield "scoped"
+        events.append("scoped down")
+
+    async def inner(s: str = Depends(scoped)) -> AsyncIterator[str]:
+        yield "inner"
+        events.append("inner down")
+
+    async def body(i: str = Depends(inner)) -> str:
+        return i
+
+    async def loud(s: str = Depends(scoped)) -> AsyncIterator[str]:
+        yield "loud"
+        await anyio.lowlevel.checkpoint()
+
+    async def guarded_body(x: str = Depends(loud)) -> str:
+        return x
+
+    async with Runtime() as rt:
+        assert not rt.plan(body).guarded
+        assert rt.plan(guarded_body).guarded
+        assert await rt.run(body) == "inner"
+        assert await rt.run(guarded_body) == "loud"
+    assert events == ["inner down", "scoped down", "scoped down"]
+
+
+async def test_quiet_generators_are_torn_down_when_the_job_is_cancelled() -> None:
+    events: list[str] = []
+    started = anyio.Event()
+
+    async def quiet() -> AsyncIterator[str]:
+        try:
+            yield "quiet"
+        except BaseException as exc:
+            events.append(f"saw {type(exc).__name__}")
+            raise
+
+    async def body(q: str = Depends(quiet)) -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with Runtime() as rt, anyio.create_task_group() as tg:
+        tg.start_soon(rt.run, body)
+        await started.wait()
+        tg.cancel_scope.cancel()
+    assert events == [f"saw {anyio.get_cancelled_exc_class().__name__}"]

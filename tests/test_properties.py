@@ -5,6 +5,7 @@ API.md section 2), and a concurrency property for scopes."""
 from __future__ import annotations
 
 import inspect
+import logging
 from collections import Counter
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -12,12 +13,15 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import structlog_level
 from hypothesis import given
 from hypothesis import strategies as st
 
 from lifecycle import Depends, JobContext, Runtime, dependency
 
-KINDS = ("function", "coroutine", "generator", "async_generator")
+# A "quiet" async generator never awaits: its teardown cannot suspend, so a plan made
+# only of those (and inline sync generators) runs without the guard scope.
+KINDS = ("function", "coroutine", "generator", "async_generator", "quiet_async_generator")
 BEHAVIOURS = ("reraise", "convert", "swallow", "fail_teardown")
 
 
@@ -159,7 +163,18 @@ class World:
             else:
                 world._exit(index, value, None)
 
-        return async_generator
+        async def quiet_async_generator(**_: Any) -> Any:
+            value = world._enter(index)
+            try:
+                yield value
+            except BaseException as exc:
+                if world._exit(index, value, exc):
+                    return
+                raise
+            else:
+                world._exit(index, value, None)
+
+        return quiet_async_generator if node.kind == "quiet_async_generator" else async_generator
 
     def body(self) -> Any:
         world = self
@@ -221,7 +236,9 @@ class World:
         return "ok", result
 
 
-def check_scenario(scenario: Scenario, backend: str) -> None:
+def check_scenario(scenario: Scenario, backend: str, traced: bool = False) -> None:
+    """``traced``: run the plan's traced runner (DEBUG logging), whose teardown after a
+    successful body is the general loop; untraced, it is the generated clean path."""
     world = World(scenario)
 
     async def main() -> None:
@@ -254,13 +271,15 @@ def check_scenario(scenario: Scenario, backend: str) -> None:
             if swallowers and isinstance(error, (SetupError, BodyError)):
                 assert any("swallowed" in n for n in getattr(error, "__notes__", []))
 
-    anyio.run(main, backend=backend)
+    with structlog_level(logging.DEBUG if traced else logging.INFO):
+        anyio.run(main, backend=backend)
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["untraced", "traced"])
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 @given(scenario=scenarios())
-def test_engine_matches_async_exit_stack_oracle(backend: str, scenario: Scenario) -> None:
-    check_scenario(scenario, backend)
+def test_engine_matches_async_exit_stack_oracle(backend: str, traced: bool, scenario: Scenario) -> None:
+    check_scenario(scenario, backend, traced)
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
@@ -274,7 +293,8 @@ def test_oracle_regressions(backend: str) -> None:
         Scenario((Node(agen, (), "fail_teardown", False), Node(agen, (), "fail_teardown", False)), ((0, True), (1, True)), None, False),
     ]  # fmt: skip
     for case in cases:
-        check_scenario(case, backend)
+        for traced in (False, True):
+            check_scenario(case, backend, traced)
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

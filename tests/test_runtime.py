@@ -355,6 +355,7 @@ async def test_context_variables_set_before_yield_are_visible_and_reset_after(ki
 # -- logging ---------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("debug_logs")
 async def test_structlog_events_carry_job_identity_and_durations() -> None:
     async def dep() -> Any:
         yield 1
@@ -492,3 +493,37 @@ async def test_filtered_levels_are_skipped_but_warnings_always_reach_structlog()
     events = [e["event"] for e in logs]
     assert "job.succeeded" not in events and "job.started" not in events  # info/debug filtered
     assert "dependency.swallowed_exception" in events and "job.failed" in events
+
+
+async def test_tracebacks_through_the_generated_plan_function_show_its_source() -> None:
+    import traceback
+
+    async def dep() -> Any:
+        yield 1
+
+    @job
+    async def fails(d: int = Depends(dep)) -> None:
+        raise KeyError("boom")
+
+    async with Runtime() as rt:
+        with pytest.raises(KeyError) as info:
+            await rt.run(fails)
+    text = "".join(traceback.format_exception(info.value))
+    assert "lifecycle plan" in text and "for job 'fails'" in text
+    assert "result = await body(d=v0)" in text  # the generated line, from linecache
+
+
+def test_log_levels_fall_back_to_the_public_structlog_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+    from types import SimpleNamespace
+
+    import structlog
+
+    from lifecycle import _log
+
+    warning_only = structlog.make_filtering_bound_logger(logging.WARNING)
+    # As if structlog's internals had moved: no _config._CONFIG, only get_config().
+    fake = SimpleNamespace(_config=SimpleNamespace(), get_config=lambda: {"wrapper_class": warning_only})
+    monkeypatch.setattr(_log, "structlog", fake)
+    assert _log._wrapper_class() is warning_only
+    assert _log.enabled_levels() == (False, False)

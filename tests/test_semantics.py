@@ -248,8 +248,9 @@ async def test_caller_cancellation_runs_teardown_and_propagates() -> None:
     assert events == ["teardown finished"]
 
 
-async def test_teardown_overrunning_teardown_timeout_is_cancelled_and_logged() -> None:
-    events: list[str] = []
+def _outer_seeing_timeouts(events: list[str]) -> Any:
+    """A generator set up first, so torn down last: it records a TeardownTimeout from
+    further in."""
 
     async def outer() -> Any:
         try:
@@ -257,6 +258,15 @@ async def test_teardown_overrunning_teardown_timeout_is_cancelled_and_logged() -
         except TeardownTimeout:
             events.append("outer saw TeardownTimeout")
             raise
+
+    return outer
+
+
+@pytest.mark.usefixtures("both_runners")
+async def test_teardown_overrunning_teardown_timeout_is_cancelled_and_logged() -> None:
+    events: list[str] = []
+
+    outer = _outer_seeing_timeouts(events)
 
     async def hangs() -> Any:
         try:
@@ -277,6 +287,57 @@ async def test_teardown_overrunning_teardown_timeout_is_cancelled_and_logged() -
     assert events == ["hanging teardown cancelled", "outer saw TeardownTimeout"]
     assert isinstance(info.value, JobTimeout)
     assert any(e["event"] == "dependency.teardown_timeout" and e["log_level"] == "error" for e in logs)
+
+
+@pytest.mark.usefixtures("both_runners")
+async def test_teardown_that_completes_after_overrunning_is_still_a_timeout() -> None:
+    events: list[str] = []
+
+    outer = _outer_seeing_timeouts(events)
+
+    async def stubborn() -> Any:
+        yield "x"
+        with anyio.CancelScope(shield=True):  # ignores the watchdog's cancellation
+            await anyio.sleep(0.2)
+        events.append("stubborn finished")
+
+    async def body(o=Depends(outer), s=Depends(stubborn)) -> str:
+        return "done"
+
+    async with Runtime(teardown_timeout=0.05) as rt:
+        with pytest.raises(TeardownTimeout, match="stubborn"):
+            await rt.run(body)
+    assert events == ["stubborn finished", "outer saw TeardownTimeout"]
+
+
+@pytest.mark.usefixtures("both_runners")
+async def test_teardown_error_swallowed_by_an_outer_dependency_lets_the_job_succeed() -> None:
+    """As with nested ``async with``: an outer exit that suppresses the error wins."""
+    events: list[str] = []
+
+    async def outer() -> Any:
+        try:
+            yield "outer"
+        except KeyError as exc:
+            events.append(f"outer swallowed {exc!r}")
+
+    async def broken() -> Any:
+        yield "x"
+        raise KeyError("commit failed")
+
+    @dependency(threaded=False)
+    def sync_inner() -> Any:
+        yield "s"
+        events.append("sync_inner closed")
+
+    async def body(o=Depends(outer), b=Depends(broken), s=Depends(sync_inner)) -> str:
+        return "done"
+
+    async with Runtime() as rt:
+        with capture_logs() as logs:
+            assert await rt.run(body) == "done"
+    assert events == ["sync_inner closed", "outer swallowed KeyError('commit failed')"]
+    assert any(e["event"] == "dependency.swallowed_exception" for e in logs)
 
 
 async def test_threaded_sync_teardown_overrun_is_abandoned() -> None:
@@ -438,6 +499,7 @@ async def test_generator_that_never_yields_is_a_dependency_error() -> None:
             await rt.run(b)
 
 
+@pytest.mark.usefixtures("both_runners")
 @pytest.mark.parametrize("threaded", [True, False])
 async def test_generator_that_yields_twice_is_a_dependency_error(threaded: bool) -> None:
     closed: list[str] = []
