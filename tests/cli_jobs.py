@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Literal
@@ -100,6 +101,14 @@ async def stuck_teardown() -> AsyncIterator[None]:
 @job
 async def hang(s: Annotated[None, Depends(stuck_teardown)]) -> None:
     note("hang running")
+    await anyio.sleep(60)
+
+
+@job
+async def interrupt_self(s: Annotated[None, Depends(stuck_teardown)]) -> None:
+    """Signals before its first await: the earliest a SIGINT can reach the CLI."""
+    os.kill(os.getpid(), signal.SIGINT)
+    note("interrupt sent")
     await anyio.sleep(60)
 
 

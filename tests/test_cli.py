@@ -269,6 +269,19 @@ def test_second_signal_forces_exit(evidence: Path) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_signal_before_the_first_await_still_counts_as_the_first(evidence: Path, backend: str) -> None:
+    """The handlers are installed before the job starts, so a signal sent at once is the
+    graceful one and the next forces the exit (it used to reach asyncio's handler first)."""
+    proc = start(evidence, "--backend", backend, "run", f"{JOBS}:interrupt_self")
+    wait_for(evidence, "stuck teardown started")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(10) == 130
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert "cli.interrupted" in stderr and "cli.forced_exit" in stderr
+    assert "stuck teardown finished" not in lines(evidence)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_worker_target_consumes_until_sigterm(evidence: Path, backend: str) -> None:
     proc = start(evidence, "--backend", backend, "run", f"{JOBS}:worker")
     deadline = time.monotonic() + 20

@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import structlog
+from anyio.abc import TaskStatus
 
 from .._job import Job
 from .._runtime import Runtime
@@ -31,8 +32,14 @@ def log() -> Any:
 class Signals:
     received: list[str] = field(default_factory=list)
 
-    async def watch(self, on_first: Callable[[], None]) -> None:
+    async def watch(
+        self, on_first: Callable[[], None], *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Started with ``tg.start`` so the handlers are in place before any job runs: a
+        signal that beat them would go to asyncio's own SIGINT handler, and the second
+        one would then count as the first."""
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as stream:
+            task_status.started()
             async for signum in stream:
                 name = signal.Signals(signum).name
                 self.received.append(name)
@@ -62,7 +69,7 @@ async def run_job(job: Job[..., Any], payload: dict[str, Any]) -> int:
     code = EXIT_INTERRUPTED
     async with Runtime() as rt, anyio.create_task_group() as tg:
         with anyio.CancelScope() as scope:
-            tg.start_soon(signals.watch, scope.cancel)
+            await tg.start(signals.watch, scope.cancel)
             try:
                 result = await rt.run(job, **payload)
             except Exception as exc:
@@ -86,7 +93,7 @@ async def run_batch(
 
     async with Runtime() as rt, anyio.create_task_group() as watcher:
         with anyio.CancelScope() as batch:
-            watcher.start_soon(signals.watch, batch.cancel)
+            await watcher.start(signals.watch, batch.cancel)
 
             async def one(number: int, line: str) -> None:
                 nonlocal done
@@ -165,7 +172,7 @@ class Progress:
 async def run_worker(worker: Worker) -> int:
     signals = Signals()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(signals.watch, worker.stop)
+        await tg.start(signals.watch, worker.stop)
         try:
             await worker.run()
         except StartupError as exc:
