@@ -25,11 +25,13 @@ class Watchdog:
         self.timeout = timeout
         self.deadlines: dict[Any, float] = {}  # guard cancel scope -> monotonic deadline
         self._wakeup: anyio.Event | None = None
+        self._first = 0.0  # the deadline that woke the idle watchdog
 
     def arm(self, guard: Any) -> None:
         """Start, or restart, the clock for the teardown now running under ``guard``."""
-        self.deadlines[guard] = time.monotonic() + self.timeout
+        deadline = self.deadlines[guard] = time.monotonic() + self.timeout
         if self._wakeup is not None:
+            self._first = deadline
             self._wakeup.set()
             self._wakeup = None
 
@@ -43,13 +45,19 @@ class Watchdog:
     async def run(self) -> None:
         deadlines = self.deadlines
         while True:
-            if not deadlines:
+            if deadlines:
+                now = time.monotonic()
+                for guard in [guard for guard, deadline in deadlines.items() if deadline <= now]:
+                    del deadlines[guard]
+                    guard.cancel()
+            if deadlines:
+                until = min(deadlines.values())
+            else:
                 self._wakeup = wakeup = anyio.Event()
                 await wakeup.wait()
-                continue
-            now = time.monotonic()
-            for guard in [guard for guard, deadline in deadlines.items() if deadline <= now]:
-                del deadlines[guard]
-                guard.cancel()
-            if deadlines:
-                await anyio.sleep(min(deadlines.values()) - now)
+                # Sleep until the deadline that woke us even if that teardown has ended by
+                # then: later deadlines are later still, and jobs arming meanwhile find the
+                # watchdog on a timer, with nothing to wake (one wake-up per timeout
+                # period, not one per job).
+                until = self._first
+            await anyio.sleep(until - time.monotonic())

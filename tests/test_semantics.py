@@ -289,6 +289,39 @@ async def test_teardown_overrunning_teardown_timeout_is_cancelled_and_logged() -
     assert any(e["event"] == "dependency.teardown_timeout" and e["log_level"] == "error" for e in logs)
 
 
+async def test_teardown_armed_while_the_watchdog_sleeps_on_an_ended_one_is_still_bounded() -> None:
+    """The watchdog, woken by one job's teardown, sleeps until that deadline even after
+    the teardown ended; a later job's overrun must still be caught at its own deadline,
+    neither early nor only when the hanging teardown gives up."""
+    timeout = 0.3
+    spent: list[float] = []
+
+    async def quick() -> Any:
+        yield "q"
+        await anyio.sleep(0)  # suspends: the watchdog task gets to run
+
+    async def hangs() -> Any:
+        yield "h"
+        started = anyio.current_time()
+        try:
+            await anyio.sleep(10)
+        finally:
+            spent.append(anyio.current_time() - started)
+
+    async def first(q=Depends(quick)) -> str:
+        return "first"
+
+    async def second(h=Depends(hangs)) -> str:
+        return "second"
+
+    async with Runtime(teardown_timeout=timeout) as rt:
+        assert await rt.run(first) == "first"
+        await anyio.sleep(timeout * 2 / 3)  # the watchdog is now asleep until first's deadline
+        with pytest.raises(TeardownTimeout, match="hangs"):
+            await rt.run(second)
+    assert timeout * 0.9 <= spent[0] < 5, spent
+
+
 @pytest.mark.usefixtures("both_runners")
 async def test_teardown_that_completes_after_overrunning_is_still_a_timeout() -> None:
     events: list[str] = []
