@@ -368,16 +368,20 @@ async def _memory_for(name: str, count: int) -> float:
 # -- worker throughput ---------------------------------------------------------------------
 
 
-async def throughput(queue: Any, concurrency: int, messages: int) -> float:
-    """Jobs per second through a Worker running no-op jobs, enqueueing excluded."""
+async def throughput(queue: Any, concurrency: int, messages: int, tree: bool = False) -> float:
+    """Jobs per second through a Worker, enqueueing excluded: no-op jobs, or (``tree``)
+    the mixed tree's job with inline sync dependencies."""
+    if tree:
+        job = lifecycle.job(name="work")(trees.make_tree(lifecycle.Depends, lifecycle.dependency(threaded=False)))
+    else:
 
-    @lifecycle.job(name="noop")
-    async def noop(i: int) -> None:
-        return None
+        @lifecycle.job(name="work")
+        async def job(user_id: int) -> None:
+            return None
 
     for i in range(messages):
-        await queue.enqueue("noop", {"i": i})
-    worker = lifecycle.Worker(queue, [noop], concurrency=concurrency, poll_interval=0.05)
+        await queue.enqueue("work", {"user_id": i})
+    worker = lifecycle.Worker(queue, [job], concurrency=concurrency, poll_interval=0.05)
     started = time.perf_counter()
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
@@ -385,6 +389,7 @@ async def throughput(queue: Any, concurrency: int, messages: int) -> float:
             await anyio.sleep(0.001)
         elapsed = time.perf_counter() - started
         worker.stop()
+    EVENTS.clear()
     return messages / elapsed
 
 
@@ -392,9 +397,10 @@ async def throughput_rows(backend: str, messages: int) -> list[str]:
     from lifecycle.queues import MemoryQueue
 
     rows = []
-    for concurrency in (1, 16, 256):
-        rate = await throughput(MemoryQueue(), concurrency, messages)
-        rows.append(f"| MemoryQueue | {backend} | {concurrency} | {rate:,.0f} |")
+    for tree in (False, True):
+        for concurrency in (1, 16, 256):
+            rate = await throughput(MemoryQueue(), concurrency, messages, tree)
+            rows.append(f"| MemoryQueue | {'mixed tree' if tree else 'no-op'} | {concurrency} | {rate:,.0f} |")
     if backend == "asyncio":
         try:
             from redis.asyncio import Redis
@@ -406,7 +412,7 @@ async def throughput_rows(backend: str, messages: int) -> list[str]:
             await probe.ping()
             await probe.aclose()
         except Exception as exc:
-            rows.append(f"| RedisStreamQueue | asyncio | - | not measured: {type(exc).__name__}: {exc} |")
+            rows.append(f"| RedisStreamQueue | no-op | - | not measured: {type(exc).__name__}: {exc} |")
             return rows
         for concurrency in (1, 16, 256):
             stream = f"lifecycle-bench-{time.time_ns()}"
@@ -416,7 +422,7 @@ async def throughput_rows(backend: str, messages: int) -> list[str]:
             finally:
                 await queue.redis.delete(stream, f"{stream}:dead", f"{stream}:delayed")
                 await queue.close()
-            rows.append(f"| RedisStreamQueue (local server) | asyncio | {concurrency} | {rate:,.0f} |")
+            rows.append(f"| RedisStreamQueue (local server) | no-op | {concurrency} | {rate:,.0f} |")
     return rows
 
 
@@ -462,9 +468,9 @@ async def main_async(args: argparse.Namespace, backend: str, lines: list[str]) -
             f"| {row['shape']} | {row['size']} | {row['floor']:.1f} | {row['lifecycle']:.1f} | {row['ratio']:.2f} |"
         )
     lines.append("")
-    lines.append(f"### Worker throughput, no-op jobs ({args.messages} messages), {backend}")
+    lines.append(f"### Worker throughput ({args.messages} messages), {backend}")
     lines.append("")
-    lines.append("| queue | backend | concurrency | jobs/s |")
+    lines.append("| queue | job | concurrency | jobs/s |")
     lines.append("|---|---|---:|---:|")
     lines += await throughput_rows(backend, args.messages)
     lines.append("")
