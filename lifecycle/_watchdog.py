@@ -60,4 +60,5 @@ class Watchdog:
                 # watchdog on a timer, with nothing to wake (one wake-up per timeout
                 # period, not one per job).
                 until = self._first
-            await anyio.sleep(until - time.monotonic())
+            # Never negative (trio refuses that): the loop may run us after `until`.
+            await anyio.sleep(max(0.0, until - time.monotonic()))

@@ -1,5 +1,6 @@
 """Order and exception rules of API.md section 2, on both backends."""
 
+import time
 from typing import Annotated, Any
 
 import anyio
@@ -320,6 +321,37 @@ async def test_teardown_armed_while_the_watchdog_sleeps_on_an_ended_one_is_still
         with pytest.raises(TeardownTimeout, match="hangs"):
             await rt.run(second)
     assert timeout * 0.9 <= spent[0] < 5, spent
+
+
+async def test_watchdog_woken_after_the_deadline_that_woke_it_keeps_working() -> None:
+    """A teardown that blocks the loop past its deadline without suspending ends before
+    the watchdog runs; the watchdog then finds that deadline already in the past (and
+    must not hand trio a negative sleep, which would crash the runtime)."""
+
+    async def returns_at_once() -> None:
+        return None
+
+    async def blocks_the_loop() -> Any:
+        yield "b"
+        time.sleep(0.05)  # blocks the loop past the deadline, with no checkpoint
+        await returns_at_once()
+
+    async def blocking(b=Depends(blocks_the_loop)) -> str:
+        return "blocked"
+
+    async def hangs() -> Any:
+        yield "h"
+        await anyio.sleep(10)
+
+    async def hanging(h=Depends(hangs)) -> str:
+        return "hung"
+
+    async with Runtime(teardown_timeout=0.01) as rt:
+        await anyio.sleep(0.01)  # the watchdog task is idle, waiting to be woken
+        assert await rt.run(blocking) == "blocked"
+        await anyio.sleep(0.02)  # the watchdog runs, its wake-up deadline long gone
+        with pytest.raises(TeardownTimeout, match="hangs"):
+            await rt.run(hanging)
 
 
 @pytest.mark.usefixtures("both_runners")
