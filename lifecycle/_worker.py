@@ -1,35 +1,109 @@
 """The Worker: reads messages from a queue and runs each as one job through a Runtime it
 owns, so worker-scoped dependencies live as long as the worker.
 
-In-flight jobs run in a task group hosted by a shielded task of their own. Cancelling
-``run()`` (or calling ``stop()``) therefore stops the reading only; the jobs get
-``shutdown_grace`` seconds to finish, then are cancelled (their teardown still runs),
-then the worker scope is torn down."""
+In-flight jobs run in a task group hosted by a shielded task of their own, beside the
+lease renewal. Cancelling ``run()`` (or calling ``stop()``) therefore stops the reading
+only; the jobs get ``shutdown_grace`` seconds to finish, then are cancelled (their
+teardown still runs, and their messages are released for redelivery), then the worker
+scope is torn down. Leases are renewed until the last job has settled, so a draining
+job is never taken over by another consumer.
+
+The broker may come and go: every call to the queue that fails with
+``BrokerUnavailable`` is tried again after a capped, jittered, exponential backoff.
+Reading waits; a job that finished keeps its outcome and settles it when the broker is
+back (the queue's settles are idempotent, so a settle whose answer was lost is simply
+repeated). Only a misconfigured queue (``open()`` fails) or a broken worker-scoped
+dependency stops the worker, at start-up, with ``StartupError``."""
 
 from __future__ import annotations
 
 import random
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import anyio
 from anyio import CancelScope
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskGroup
 
 from ._errors import DependencyError, LifecycleError, PayloadError, Reject, Retry
 from ._job import Job, as_job
 from ._markers import Depends
 from ._runtime import Runtime, logger
-from .queues._base import Delivery, Queue
+from .queues._base import BrokerUnavailable, Delivery, Queue
+
+# A settle or release that cannot reach the broker during shutdown gives up after this
+# long: the message then stays with the broker and is redelivered, never lost.
+_SHUTDOWN_SETTLE_TIMEOUT = 10.0
 
 
 class StartupError(LifecycleError):
-    """A worker could not start: a worker-scoped dependency failed to set up."""
+    """A worker could not start: its queue is misconfigured or unreachable, or a
+    worker-scoped dependency failed to set up."""
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _Broker:
+    """Whether the broker is reachable, as the worker last saw it; logs each outage
+    once when it starts and once when it ends."""
+
+    def __init__(self, backoff: float, backoff_max: float) -> None:
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        self.down_since: float | None = None
+        self.outages = 0
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after ``failures`` failures in a row: exponential, capped,
+        with jitter (half to all of it) so a fleet does not reconnect in lockstep."""
+        return min(self.backoff_max, self.backoff * 2.0 ** min(failures, 32)) * random.uniform(0.5, 1.0)
+
+    def failed(self, operation: str, exc: BaseException) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            self.outages += 1
+            logger().warning("worker.broker_unavailable", operation=operation, error=_error_text(exc))
+
+    def recovered(self) -> None:
+        if self.down_since is not None:
+            downtime = time.monotonic() - self.down_since
+            self.down_since = None
+            logger().info("worker.broker_recovered", downtime_s=round(downtime, 3))
 
 
 class Worker:
+    """Consumes a queue, running each message as one job.
+
+    Args:
+        queue: where messages come from (``MemoryQueue``, ``RedisStreamQueue``, or any
+            object that keeps the queue contract of ``lifecycle.queues.Queue``).
+        jobs: the jobs this worker runs, ``@job`` functions or plain callables; a
+            message names one of them.
+        concurrency: at most this many jobs run at once; the worker reads no more
+            messages than it has free slots for.
+        shutdown_grace: seconds in-flight jobs get to finish after ``stop()`` or
+            cancellation before they are cancelled (their teardown still runs).
+        teardown_timeout: seconds each dependency's teardown may take (None: no bound).
+        dependency_overrides: ``{original: replacement}`` for the worker's Runtime.
+        dependencies: ``Depends(...)`` run for every job, values not injected.
+        retry_backoff: seconds before the first retry of a failed job; doubles per
+            attempt, with jitter. ``Retry(delay)`` wins.
+        retry_backoff_max: the cap on that delay, in seconds.
+        max_deliveries: a message handed out more often than this (its consumers died
+            while running it) goes to the dead letter as ``poison``.
+        poll_interval: seconds one read waits for messages before it asks again.
+        heartbeat_interval: seconds between lease renewals of in-flight messages. None
+            (the default) derives it from the queue: a third of ``queue.lease``; a
+            queue without leases needs none.
+        broker_backoff: seconds before the first retry of a broker call that failed
+            with ``BrokerUnavailable``; doubles per failure, with jitter.
+        broker_backoff_max: the cap on that delay, in seconds.
+    """
+
     def __init__(
         self,
         queue: Queue,
@@ -45,11 +119,22 @@ class Worker:
         max_deliveries: int = 5,
         poll_interval: float = 1.0,
         heartbeat_interval: float | None = None,
+        broker_backoff: float = 0.5,
+        broker_backoff_max: float = 30.0,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
         if shutdown_grace < 0:
             raise ValueError(f"shutdown_grace must be >= 0, got {shutdown_grace!r}")
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval must be positive, got {poll_interval!r}")
+        if heartbeat_interval is not None and heartbeat_interval <= 0:
+            raise ValueError(f"heartbeat_interval must be positive or None, got {heartbeat_interval!r}")
+        if broker_backoff <= 0 or broker_backoff_max < broker_backoff:
+            raise ValueError(
+                f"broker_backoff must be positive and at most broker_backoff_max, got {broker_backoff!r} "
+                f"and {broker_backoff_max!r}"
+            )
         self.queue = queue
         self.jobs: dict[str, Job[..., Any]] = {}
         for fn in jobs:
@@ -69,45 +154,84 @@ class Worker:
         self.runtime = Runtime(
             dependency_overrides=dependency_overrides, teardown_timeout=teardown_timeout, dependencies=dependencies
         )
-        self.stats = {"succeeded": 0, "retried": 0, "dead_lettered": 0, "released": 0, "settle_failed": 0}
+        self.broker = _Broker(broker_backoff, broker_backoff_max)
+        self.stats = {
+            "succeeded": 0,
+            "retried": 0,
+            "dead_lettered": 0,
+            "released": 0,
+            "settle_failed": 0,
+            "lease_lost": 0,
+        }
         self._in_flight: dict[str, Delivery] = {}
+        self._lost: set[str] = set()  # ids whose lease another consumer took over
         self._stopping = False
-        self._read_scope: CancelScope | None = None
+        self._interruptible: CancelScope | None = None  # what stop() cancels: start-up or a read
         self._slot_free: anyio.Event | None = None
         self._idle: anyio.Event | None = None
-        self._close_jobs: anyio.Event | None = None
 
     @property
     def in_flight(self) -> int:
+        """Messages being worked on now."""
         return len(self._in_flight)
+
+    @property
+    def lease_interval(self) -> float | None:
+        """Seconds between lease renewals (None: the queue has no leases)."""
+        if self.heartbeat_interval is not None:
+            return self.heartbeat_interval
+        lease = getattr(self.queue, "lease", None)
+        return lease / 3 if lease else None
 
     def stop(self) -> None:
         """Stop reading; in-flight jobs get ``shutdown_grace`` to finish. Safe to call
-        from a signal handler task or another task of the same event loop."""
+        from a signal handler task or another task of the same event loop, and before
+        ``run()`` starts (it then returns right after start-up)."""
         self._stopping = True
-        if self._read_scope is not None:
-            self._read_scope.cancel()
+        if self._interruptible is not None:
+            self._interruptible.cancel()
         self._wake_slot()
 
     async def run(self) -> None:
-        """Consume until cancelled or ``stop()``; then shut down gracefully."""
-        self._stopping = False
-        self._close_jobs = anyio.Event()
+        """Consume until cancelled or ``stop()``; then shut down gracefully.
+
+        Raises:
+            StartupError: the queue's ``open()`` or a worker-scoped dependency failed.
+            The caller's cancellation, re-raised once every teardown owed has run.
+        """
+        try:
+            await self._run()
+        except BaseExceptionGroup as group:
+            # One failure inside the worker's task groups: raise it as itself, so the
+            # log line says what broke rather than "unhandled errors in a TaskGroup".
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        finally:
+            self._stopping = False
+            self._lost.clear()
+
+    async def _run(self) -> None:
         log = logger()
         async with self.runtime as rt:
-            await self._warm_up(rt)
+            with CancelScope() as self._interruptible:
+                if self._stopping:
+                    self._interruptible.cancel()
+                await self._open_queue()
+                await self._warm_up(rt)
+            self._interruptible = None
+            if self._stopping:
+                log.info("worker.stopped", **self.stats)
+                return
             log.info("worker.started", jobs=sorted(self.jobs), concurrency=self.concurrency)
-            async with anyio.create_task_group() as supervisor:
-                jobs: TaskGroup = await supervisor.start(self._host_jobs)
-                if self.heartbeat_interval:
-                    supervisor.start_soon(self._heartbeat)
-                try:
-                    await self._read(jobs)
-                finally:
-                    with CancelScope(shield=True):
-                        await self._drain(jobs)
-                    supervisor.cancel_scope.cancel()  # the heartbeat; the job host is shielded
-            log.info("worker.stopped", **self.stats)
+            await self._consume()
+        log.info("worker.stopped", **self.stats)
+
+    async def _open_queue(self) -> None:
+        try:
+            await self.queue.open()
+        except Exception as exc:
+            raise StartupError(f"worker could not start: the queue could not be opened: {_error_text(exc)}") from exc
 
     async def _warm_up(self, rt: Runtime) -> None:
         """Create every worker-scoped dependency now, so a broken one fails the worker at
@@ -122,17 +246,39 @@ class Worker:
                 except Exception as exc:
                     raise StartupError(
                         f"worker could not start: worker-scoped dependency {step.provider.label} of job "
-                        f"{job.name!r} failed: {type(exc).__name__}: {exc}"
+                        f"{job.name!r} failed: {_error_text(exc)}"
                     ) from exc
 
-    async def _host_jobs(self, *, task_status: TaskStatus[TaskGroup]) -> None:
-        assert self._close_jobs is not None
-        with CancelScope(shield=True):  # only _drain decides when jobs are cancelled
-            async with anyio.create_task_group() as jobs:
-                task_status.started(jobs)
-                await self._close_jobs.wait()
+    async def _consume(self) -> None:
+        """Read in this task; run jobs and renew leases in a shielded host task."""
+        ready = anyio.Event()
+        close = anyio.Event()
+        host: list[TaskGroup] = []
+
+        async def host_jobs() -> None:
+            # Shielded before its first checkpoint: only _drain decides when jobs end.
+            with CancelScope(shield=True):
+                async with anyio.create_task_group() as background:
+                    background.start_soon(self._renew_leases)
+                    async with anyio.create_task_group() as jobs:
+                        host.append(jobs)
+                        ready.set()
+                        await close.wait()
+                    background.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as supervisor:
+            supervisor.start_soon(host_jobs)
+            try:
+                await ready.wait()
+                await self._read(host[0])
+            finally:
+                with CancelScope(shield=True):
+                    await ready.wait()  # the host task always starts: it is shielded at once
+                    await self._drain(host[0])
+                    close.set()
 
     async def _read(self, jobs: TaskGroup) -> None:
+        failures = 0
         while not self._stopping:
             free = self.concurrency - len(self._in_flight)
             if free <= 0:
@@ -140,14 +286,26 @@ class Worker:
                 await event.wait()
                 continue
             deliveries: list[Delivery] = []
-            with CancelScope() as self._read_scope:  # stop() cancels a waiting receive
-                deliveries = await self.queue.receive(free, self.poll_interval)
-            self._read_scope = None
+            with CancelScope() as self._interruptible:  # stop() cancels a waiting read
+                if self._stopping:
+                    self._interruptible.cancel()
+                try:
+                    deliveries = await self.queue.receive(free, self.poll_interval)
+                except Exception as exc:
+                    # BrokerUnavailable, or anything else the read raised: a worker never
+                    # exits over the broker. Wait and read again.
+                    self.broker.failed("receive", exc)
+                    if not isinstance(exc, BrokerUnavailable):
+                        logger().error("worker.receive_failed", error=_error_text(exc))
+                    await anyio.sleep(self.broker.delay(failures))
+                    failures += 1
+                else:
+                    failures = 0
+                    self.broker.recovered()
+            self._interruptible = None
             for delivery in deliveries:
                 self._in_flight[delivery.id] = delivery
                 jobs.start_soon(self._handle, delivery)
-            if self._stopping:
-                break
 
     def _wake_slot(self) -> None:
         if self._slot_free is not None:
@@ -165,33 +323,74 @@ class Worker:
             if self._in_flight:
                 log.warning("worker.cancelling", in_flight=len(self._in_flight))
                 jobs.cancel_scope.cancel()
-        assert self._close_jobs is not None
-        self._close_jobs.set()
 
-    async def _heartbeat(self) -> None:
-        assert self.heartbeat_interval
+    async def _renew_leases(self) -> None:
+        interval = self.lease_interval
+        if interval is None:
+            return
         while True:
-            await anyio.sleep(self.heartbeat_interval)
-            if self._in_flight:
-                await self.queue.heartbeat(list(self._in_flight.values()))
+            await anyio.sleep(interval)
+            held = [delivery for key, delivery in self._in_flight.items() if key not in self._lost]
+            if not held:
+                continue
+            try:
+                lost = await self.queue.renew(held)
+            except Exception as exc:
+                self.broker.failed("renew", exc)
+                if not isinstance(exc, BrokerUnavailable):
+                    logger().error("worker.renew_failed", error=_error_text(exc))
+                continue
+            self.broker.recovered()
+            for key in lost:
+                delivery = self._in_flight.get(key)
+                if delivery is None or key in self._lost:
+                    continue
+                self._lost.add(key)
+                self.stats["lease_lost"] += 1
+                logger().warning(
+                    "worker.lease_lost",
+                    job=delivery.job,
+                    job_id=key,
+                    hint="another consumer took this message over; this worker will not settle it",
+                )
 
     async def _handle(self, delivery: Delivery) -> None:
         try:
             await self._process(delivery)
         except Exception as exc:
-            # Settling failed (the broker went away, say). The message was not acked, so
-            # the queue delivers it again; one failure must not take the other jobs down.
+            # Settling failed for good (not a broker outage: those are waited out). The
+            # message was not settled, so the queue delivers it again; one failure must
+            # not take the other jobs down.
             self.stats["settle_failed"] += 1
-            logger().error(
-                "worker.settle_failed", job=delivery.job, job_id=delivery.id, error=f"{type(exc).__name__}: {exc}"
-            )
+            logger().error("worker.settle_failed", job=delivery.job, job_id=delivery.id, error=_error_text(exc))
         finally:
             self._in_flight.pop(delivery.id, None)
+            self._lost.discard(delivery.id)
             self._wake_slot()
             if not self._in_flight and self._idle is not None:
                 self._idle.set()
 
+    async def _settle(self, delivery: Delivery, operation: str, call: Callable[[], Awaitable[None]]) -> bool:
+        """Run a settling call until the broker takes it; False if this worker no longer
+        owns the message (its lease was lost), so nothing was settled."""
+        failures = 0
+        while True:
+            if delivery.id in self._lost:
+                return False
+            try:
+                await call()
+            except BrokerUnavailable as exc:
+                self.broker.failed(operation, exc)
+                await anyio.sleep(self.broker.delay(failures))
+                failures += 1
+            else:
+                self.broker.recovered()
+                return True
+
     async def _process(self, delivery: Delivery) -> None:
+        if delivery.malformed is not None:
+            await self._dead(delivery, "malformed", f"malformed message: {delivery.malformed}")
+            return
         job = self.jobs.get(delivery.job)
         if job is None:
             known = ", ".join(sorted(self.jobs))
@@ -217,9 +416,7 @@ class Worker:
         try:
             await self.runtime.run_attempt(job, payload, extras, job_id=delivery.id, attempt=delivery.attempt)
         except anyio.get_cancelled_exc_class():
-            with CancelScope(shield=True):
-                await self.queue.release(delivery)
-                self.stats["released"] += 1
+            await self._release(delivery)
             raise
         except Reject as exc:
             await self._dead(delivery, "rejected", exc)
@@ -232,19 +429,33 @@ class Worker:
             delay: float = (
                 exc.delay if isinstance(exc, Retry) and exc.delay is not None else self.backoff(delivery.attempt)
             )
+            error = _error_text(exc)
             logger().warning(
                 "job.retrying",
                 job=job.name,
                 job_id=delivery.id,
                 attempt=delivery.attempt,
                 delay=round(delay, 3),
-                error=f"{type(exc).__name__}: {exc}",
+                error=error,
             )
-            await self.queue.retry(delivery, delay, f"{type(exc).__name__}: {exc}")
-            self.stats["retried"] += 1
+            if await self._settle(delivery, "retry", lambda: self.queue.retry(delivery, delay, error)):
+                self.stats["retried"] += 1
         else:
-            await self.queue.ack(delivery)
-            self.stats["succeeded"] += 1
+            if await self._settle(delivery, "ack", lambda: self.queue.ack(delivery)):
+                self.stats["succeeded"] += 1
+
+    async def _release(self, delivery: Delivery) -> None:
+        """The job was cancelled (shutdown): give the message back without using up an
+        attempt. Bounded, because the broker may be gone; then it stays pending with
+        the broker and is redelivered all the same."""
+        with anyio.move_on_after(_SHUTDOWN_SETTLE_TIMEOUT, shield=True):
+            try:
+                released = await self._settle(delivery, "release", lambda: self.queue.release(delivery))
+            except Exception as exc:
+                logger().error("worker.release_failed", job=delivery.job, job_id=delivery.id, error=_error_text(exc))
+            else:
+                if released:
+                    self.stats["released"] += 1
 
     def backoff(self, attempt: int) -> float:
         """Exponential backoff with jitter: between half and all of base * 2**(attempt-1)."""
@@ -253,8 +464,10 @@ class Worker:
 
     async def _dead(self, delivery: Delivery, reason: str, error: BaseException | str) -> None:
         if isinstance(error, BaseException):
-            text = f"{type(error).__name__}: {error}"
-            kind = f"{type(error).__module__}.{type(error).__qualname__}"
+            text = _error_text(error)
+            module = type(error).__module__
+            # Dead letters name public paths: lifecycle.Reject, not lifecycle._errors.Reject.
+            kind = f"{'lifecycle' if module.startswith('lifecycle._') else module}.{type(error).__qualname__}"
             trace = "".join(traceback.format_exception(error))[-8000:]
         else:
             text, kind, trace = error, None, None
@@ -278,5 +491,5 @@ class Worker:
             reason=reason,
             error=text,
         )
-        await self.queue.dead_letter(delivery, record)
-        self.stats["dead_lettered"] += 1
+        if await self._settle(delivery, "dead_letter", lambda: self.queue.dead_letter(delivery, record)):
+            self.stats["dead_lettered"] += 1

@@ -84,7 +84,7 @@ async def test_failures_are_retried_with_backoff_then_dead_lettered_with_details
     worker = Worker(queue, [flaky], retry_backoff=0.01)
     await run_until_empty(worker, queue)
     assert attempts == [1, 2, 3]
-    [dead] = queue.dead_letters
+    [dead] = await queue.dead_letters()
     assert dead["reason"] == "failed"
     assert dead["attempts"] == 3
     assert dead["payload"] == {"user_id": 7}
@@ -133,7 +133,7 @@ async def test_reject_unknown_job_and_invalid_payload_go_to_dead_letter_at_once(
     await queue.enqueue("strict", {"wrong": 1})
     await run_until_empty(Worker(queue, [strict]), queue)
     assert calls == [1]
-    by_reason = {d["reason"]: d for d in queue.dead_letters}
+    by_reason = {d["reason"]: d for d in await queue.dead_letters()}
     assert set(by_reason) == {"rejected", "unknown_job", "invalid_payload"}
     assert by_reason["rejected"]["error"] == "Reject: n=1 is not allowed"
     assert "unknown job 'missing'; this worker runs: strict" in by_reason["unknown_job"]["error"]
@@ -158,7 +158,7 @@ async def test_teardown_that_raises_causes_a_retry_not_an_ack() -> None:
     worker = Worker(queue, [write], retry_backoff=0.001)
     await run_until_empty(worker, queue)
     assert attempts == [1, 2]
-    assert worker.stats == {"succeeded": 1, "retried": 1, "dead_lettered": 0, "released": 0, "settle_failed": 0}
+    assert worker.stats == {"succeeded": 1, "retried": 1, "dead_lettered": 0, "released": 0, "settle_failed": 0, "lease_lost": 0}
 
 
 async def test_hanging_teardown_is_bounded_by_teardown_timeout() -> None:
@@ -257,14 +257,13 @@ async def test_poison_message_is_dead_lettered_after_max_deliveries() -> None:
     async def fine() -> None:
         pass
 
-    queue = MemoryQueue()
+    queue = MemoryQueue(lease=0.05)
     await queue.enqueue("fine", {})
-    for _ in range(3):  # three consumers took it and died before acknowledging
-        [delivery] = await queue.receive(1, 0.1)
-        await queue.release(delivery)
+    for _ in range(3):  # three consumers took it and died before acknowledging (no renewal)
+        assert len(await queue.receive(1, 5)) == 1
     worker = Worker(queue, [fine], max_deliveries=3)
     await run_until_empty(worker, queue)
-    [dead] = queue.dead_letters
+    [dead] = await queue.dead_letters()
     assert dead["reason"] == "poison" and dead["deliveries"] == 4
 
 

@@ -3,10 +3,10 @@
 
 from typing import Any
 
-from ._base import Delivery, Queue
+from ._base import BrokerUnavailable, Delivery, Queue
 from ._memory import MemoryQueue
 
-__all__ = ["Delivery", "MemoryQueue", "Queue", "RedisStreamQueue"]
+__all__ = ["BrokerUnavailable", "Delivery", "MemoryQueue", "Queue", "RedisStreamQueue"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,31 +1,101 @@
-"""What a worker needs from a queue. A message names a job and carries its JSON
-payload; it is acknowledged only after the job and its whole teardown succeeded."""
+"""What a worker needs from a queue, and the helpers every backend shares.
+
+A message names a job and carries its JSON payload; it is acknowledged only after the
+job and its whole teardown succeeded. The contract every backend keeps (checked by
+``tests/test_queue_contract.py``):
+
+- ``receive`` never raises for a message it cannot decode: it returns that message as
+  a ``Delivery`` whose ``malformed`` says why, and the worker dead-letters it with
+  reason ``malformed`` (the raw message preserved). The rest of the batch goes on.
+- A transient broker failure (lost connection, timeout, restart) raises
+  ``BrokerUnavailable`` from any method; the worker backs off and tries again, and the
+  message stays with the broker meanwhile. Anything else raised by ``open`` is a
+  misconfiguration, and fails the worker at start-up.
+- Settling (``ack``, ``retry``, ``dead_letter``, ``release``) is idempotent and
+  owner-checked: settling a delivery a second time, or one whose lease this consumer
+  lost to another, changes nothing. So the worker may repeat a settle whose answer it
+  never got.
+- A leased delivery (``lease`` is not None) stays with this consumer while ``renew`` is
+  called more often than every ``lease`` seconds; one left unrenewed longer (its worker
+  died) is redelivered to another consumer, and only then is ``deliveries`` counted up.
+- ``release`` puts the message back for redelivery with the same attempt, without
+  counting a delivery: a job cancelled by shutdown does not use up its retries."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .._errors import LifecycleError
+
+if TYPE_CHECKING:
+    from .._job import Job
+
+MAX_PAYLOAD_BYTES = 1 << 20  # a payload larger than this is malformed: 1 MiB of JSON
+MAX_PAYLOAD_DEPTH = 64  # nesting deeper than this is malformed (json recurses per level)
+
+
+class BrokerUnavailable(LifecycleError):
+    """The broker could not be reached or did not answer in time: a transient failure.
+    A worker waits with capped exponential backoff and tries again; it never exits."""
+
+
+class MalformedMessage(ValueError):
+    """A message's fields could not be decoded (raised by ``decode_payload`` and the
+    backends' field decoders; a backend turns it into ``Delivery.malformed``)."""
 
 
 @dataclass(slots=True)
 class Delivery:
-    """One received message."""
+    """One received message.
+
+    Attributes:
+        id: the broker's id for this delivery (settling uses it).
+        job: the job's name (empty when the message is malformed).
+        payload: the decoded JSON payload (None when malformed).
+        attempt: 1-based; a retry re-enqueues with ``attempt + 1``.
+        deliveries: times the message was handed to a consumer; more than one only
+            after a consumer died holding it (its lease expired).
+        enqueued_at: when it was first enqueued, in seconds since the epoch.
+        raw: the backend's own handle (the raw fields, say).
+        malformed: why the message could not be decoded, or None for a good one.
+    """
 
     id: str
     job: str
     payload: Any
-    attempt: int = 1  # 1-based; a retry re-enqueues with attempt + 1
-    deliveries: int = 1  # times handed to a consumer (a crashed worker's message comes again)
+    attempt: int = 1
+    deliveries: int = 1
     enqueued_at: float = 0.0
-    raw: Any = field(default=None, repr=False)  # backend-specific handle
+    raw: Any = field(default=None, repr=False)
+    malformed: str | None = None
 
 
 class Queue(Protocol):
+    """The seam between a ``Worker`` and a broker (see the module docstring)."""
+
+    lease: float | None
+    """Seconds a delivery stays owned without ``renew``; None: not leased."""
+
+    async def open(self) -> None:
+        """Connect and check the configuration (address, credentials, permissions);
+        raise a clear error if it is wrong. Idempotent; the worker calls it at start."""
+        ...
+
     async def enqueue(
-        self, job: str, payload: Mapping[str, Any] | None = None, *, delay: float | None = None, attempt: int = 1
+        self,
+        job: str | Job[..., Any],
+        payload: Mapping[str, Any] | None = None,
+        *,
+        delay: float | None = None,
+        at: float | None = None,
+        attempt: int = 1,
     ) -> str:
-        """Add a message; return its id."""
+        """Add a message for ``job`` (a name, or a ``Job`` whose payload is then
+        validated first), after ``delay`` seconds or at ``at`` (epoch seconds); return
+        its id."""
         ...
 
     async def receive(self, limit: int, timeout: float) -> list[Delivery]:
@@ -45,11 +115,88 @@ class Queue(Protocol):
         ...
 
     async def release(self, delivery: Delivery) -> None:
-        """Not finished (shutdown): leave it for another consumer."""
+        """Not finished (shutdown): redeliver it with the same attempt."""
         ...
 
-    async def heartbeat(self, deliveries: Sequence[Delivery]) -> None:
-        """Still working on these: keep other consumers from reclaiming them."""
+    async def renew(self, deliveries: Sequence[Delivery]) -> list[str]:
+        """Still working on these: extend their leases. Returns the ids of those this
+        consumer no longer owns (another consumer took them over)."""
+        ...
+
+    async def dead_letters(self, count: int = 100, before: str | None = None) -> list[dict[str, Any]]:
+        """Dead letters newest first, at most ``count``, each with its
+        ``dead_letter_id``; ``before`` (a ``dead_letter_id``) pages to older ones."""
+        ...
+
+    async def replay(self, ids: Sequence[str]) -> int:
+        """Put these dead letters back on the queue as new messages (attempt 1) and
+        remove them from the dead letters; returns how many were replayed."""
+        ...
+
+    async def purge(self, ids: Sequence[str] | None = None) -> int:
+        """Delete these dead letters (all of them when ``ids`` is None); returns how
+        many were deleted."""
         ...
 
     async def close(self) -> None: ...
+
+
+def job_name(job: str | Job[..., Any], payload: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """The name to put on the message and the payload as a plain dict; a ``Job`` has
+    its payload checked against its parameters first (``PayloadError`` otherwise)."""
+    if isinstance(job, str):
+        return job, dict(payload or {})
+    job.bind_payload((), dict(payload or {}))
+    return job.name, dict(payload or {})
+
+
+def encode_payload(payload: Mapping[str, Any]) -> str:
+    """JSON text of a payload; a value JSON cannot carry is a ``TypeError`` here, at the
+    producer, rather than a dead letter later."""
+    return json.dumps(dict(payload), separators=(",", ":"), allow_nan=False)
+
+
+def decode_payload(raw: bytes | str) -> Any:
+    """A payload from the broker: UTF-8 JSON of at most ``MAX_PAYLOAD_BYTES`` bytes and
+    ``MAX_PAYLOAD_DEPTH`` levels; anything else raises ``MalformedMessage``."""
+    if isinstance(raw, str):
+        try:
+            raw = raw.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise MalformedMessage(f"payload is not valid UTF-8: {exc}") from None
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise MalformedMessage(f"payload is {len(raw)} bytes, over the limit of {MAX_PAYLOAD_BYTES}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedMessage(f"payload is not valid UTF-8: {exc}") from None
+    _check_depth(text)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedMessage(f"payload is not JSON: {type(exc).__name__}: {exc}") from None
+
+
+def _check_depth(text: str) -> None:
+    """Refuse nesting deeper than MAX_PAYLOAD_DEPTH before json recurses into it. The
+    character scan runs only when there are enough brackets to nest that deep at all."""
+    if text.count("[") + text.count("{") <= MAX_PAYLOAD_DEPTH:
+        return
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_PAYLOAD_DEPTH:
+                raise MalformedMessage(f"payload nests deeper than {MAX_PAYLOAD_DEPTH} levels")
+        elif char in "]}":
+            depth -= 1
