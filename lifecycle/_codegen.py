@@ -32,7 +32,7 @@ class _Writer:
         self.namespace: dict[str, Any] = {
             "unwind": _engine.unwind,
             "no_yield": _engine.no_yield_error,
-            "call_threaded": _engine.call_threaded,
+            "setup_threaded": _engine.setup_threaded,
             "call_body_threaded": _engine.call_body_threaded,
             "start_threaded_generator": _engine.start_threaded_generator,
             "resume_unwind": _engine.resume_unwind,
@@ -104,7 +104,7 @@ def _setup(w: _Writer, step: Step, traced: bool) -> None:
         w.line(f"{v} = {call}({w.call_args(step.arguments)})")
     elif kind == Kind.FUNCTION:
         args, kwargs = w.packed_args(step.arguments)
-        w.line(f"{v} = await call_threaded({call}, {args}, {kwargs})")
+        w.line(f"{v} = await setup_threaded({call}, {args}, {kwargs})")
     elif kind == Kind.GENERATOR and threaded:
         args, kwargs = w.packed_args(step.arguments)
         w.line(f"{v} = await start_threaded_generator(p{slot}, {args}, {kwargs}, stack, job)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import time
 from collections.abc import Callable, Generator, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -101,6 +102,9 @@ def _refresh(dep_ctx: contextvars.Context) -> None:
 
 
 async def call_threaded(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """Call a sync function in a worker thread, in a copy of the current Context whose
+    changes are then copied back. No cancellation check afterwards: the worker scope
+    uses this, and a worker-scoped value must be kept once it exists."""
     ctx = contextvars.copy_context()
     outcome = await anyio.to_thread.run_sync(_captured, ctx, _call, fn, args, kwargs)
     _merge_into_current(ctx, None)
@@ -111,8 +115,46 @@ def _call(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -
     return fn(*args, **kwargs)
 
 
+# -- cancellation that came due in a thread ----------------------------------------------
+#
+# A worker thread cannot be interrupted, and anyio's hop back to the loop does not look
+# for cancellation when the thread returns, so a job would carry on with the thread's
+# result past its timeout and could succeed. After each hop of a job's setup or body we
+# look once: a job whose deadline passed meanwhile gets the backend's cancellation right
+# there, so its generators see it at their ``yield`` (README, "Semantics", rule 6) and
+# the job fails with ``JobTimeout``. Asking whether a scope was cancelled is not enough
+# on asyncio: the deadline's timer may not have run yet when the thread's result wakes
+# the task. So the check compares the effective deadline with the clock, and then waits
+# for the cancellation, which is due at once. Teardown hops are not checked (teardown is
+# shielded); ``run_with_timeout`` catches a job that finished after its deadline.
+
+
+async def deliver_due_cancellation() -> None:
+    """Raise the backend's cancellation now if the effective deadline of the calling
+    task has passed or an enclosing scope was cancelled; else return at once (no
+    checkpoint, so a thread hop pays a few µs and nothing else)."""
+    deadline = anyio.current_effective_deadline()
+    if deadline < math.inf and deadline <= anyio.current_time():  # no clock read without a deadline
+        # Due, so the cancellation arrives at this first suspension: on trio at its
+        # next scheduler pass at the latest, on asyncio when the scope's timer (already
+        # due) runs in the next loop pass. A plain checkpoint could resume before it.
+        await anyio.sleep_forever()
+
+
+async def setup_threaded(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """Set up a job's threaded sync (non-generator) dependency: ``call_threaded``, then a
+    cancellation that came due while the thread ran (its value is then dropped)."""
+    value = await call_threaded(fn, args, kwargs)  # an error the thread raised wins: the real failure
+    await deliver_due_cancellation()
+    return value
+
+
 async def call_body_threaded(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return await anyio.to_thread.run_sync(_call, fn, args, kwargs)
+    """Run a job's sync body in a worker thread; its result is discarded (the job fails
+    with ``JobTimeout``) if the job's deadline passed while it ran."""
+    result = await anyio.to_thread.run_sync(_call, fn, args, kwargs)
+    await deliver_due_cancellation()
+    return result
 
 
 # -- generators ------------------------------------------------------------------------
@@ -206,8 +248,11 @@ async def start_sync_generator(
 async def start_threaded_generator(
     provider: Provider, args: tuple[Any, ...], kwargs: dict[str, Any], stack: list[Any], job: str
 ) -> Any:
+    """Start a job's threaded sync generator, push its teardown entry onto ``stack`` and
+    deliver a cancellation that came due while its setup ran in the thread."""
     value, entry = await start_sync_generator(provider, args, kwargs, job)
     stack.append(entry)
+    await deliver_due_cancellation()  # after the push: the generator sees it at its yield
     return value
 
 
@@ -414,7 +459,23 @@ async def run_with_timeout(
     timeout: float,
     attempt: int,
 ) -> Any:
-    """Run one attempt under the job's timeout (the plan's runner does the rest)."""
-    with CancelScope(deadline=anyio.current_time() + timeout):
-        return await runner(payload, extras, ctx, host, log)
+    """Run one attempt under the job's timeout (the plan's runner does the rest).
+
+    The timeout bounds the whole attempt, teardown included. A runner that returns
+    after the deadline (it passed in code no cancellation reaches: a threaded teardown,
+    any teardown once shielded by rule 6, sync code blocking the loop) has its result
+    discarded and fails with ``JobTimeout`` too: the job did not finish in time, and a
+    queue worker acknowledges a message only after the whole teardown anyway."""
+    deadline = anyio.current_time() + timeout
+    with CancelScope(deadline=deadline):
+        result = await runner(payload, extras, ctx, host, log)
+        late = anyio.current_time() - deadline
+        if late < 0:
+            return result
+        message = (
+            f"job {plan.job_name!r} ({plan.job_label}) timed out after {timeout}s (attempt {attempt}): "
+            f"it finished {late:.3f}s after its deadline, in code the timeout could not interrupt "
+            "(a worker thread, or a teardown, which is shielded); its result is discarded"
+        )
+        raise JobTimeout(message)
     raise JobTimeout(f"job {plan.job_name!r} ({plan.job_label}) timed out after {timeout}s (attempt {attempt})")
