@@ -54,8 +54,7 @@ async def main(url: str, stream: str) -> None:
         queue,
         build(url, stream),
         concurrency=int(os.environ.get("CONCURRENCY", "32")),
-        poll_interval=0.2,
-        heartbeat_interval=claim_idle / 3,
+        poll_interval=0.2,  # leases are renewed every claim_idle / 3 (the Worker's default)
     )
     async with anyio.create_task_group() as tg:
 

@@ -1,55 +1,207 @@
 """Redis Streams with a consumer group, on redis-py's asyncio client.
 
+It is shaped by the faults a worker must outlive: a malformed entry, a dropped or
+stalled connection, a restart, a consumer that died holding messages. Invariants:
+
 - Several workers share one group: each message goes to one consumer (XREADGROUP).
 - A message is XACKed (and XDELed) only when its job and teardown succeeded.
-- A retry or a dead-letter moves the message in one MULTI transaction with its XACK,
-  so nothing is lost or duplicated between the two steps.
+- Every settle (ack, retry, dead letter, release) is one Lua script that first checks
+  that the entry is still pending for this consumer (XPENDING), then moves it and acks
+  it. So a retry or a dead letter is never lost or duplicated between two steps, a
+  settle repeated after a lost answer changes nothing, and a consumer that lost its
+  lease cannot settle a message another consumer now runs.
+- Every field is decoded here, from bytes: an entry that does not decode comes back as
+  a ``Delivery`` whose ``malformed`` says why, never as an exception; its dead letter
+  keeps the original bytes (``raw:<field>``).
+- Leases: a delivery stays with its consumer while ``renew`` (XCLAIM JUSTID, owner
+  checked, which resets the idle time without counting a delivery) runs more often
+  than every ``claim_idle`` seconds. Entries idle for longer belong to a dead consumer
+  and are reclaimed with XAUTOCLAIM, which counts a delivery: the worker dead-letters
+  a message that keeps killing its workers.
 - Delayed retries wait in a sorted set; a Lua script moves due ones into the stream.
-- Pending entries of a dead consumer are reclaimed with XAUTOCLAIM once idle for
-  ``claim_idle`` seconds; live workers heartbeat theirs (XCLAIM JUSTID) so that long
-  jobs are not stolen. The delivery count (XPENDING) lets the worker dead-letter a
-  message that keeps killing its workers."""
+- Transient failures (connection lost, timeout, restart, stall) raise
+  ``BrokerUnavailable`` from every method, and the worker calls again: redis-py
+  reconnects on the next command. A blocking read never outlasts the socket timeout
+  (its BLOCK is capped), so an idle worker is not mistaken for a stalled one.
+- Consumers that have held nothing for ``consumer_timeout`` seconds are removed from
+  the group (XGROUP DELCONSUMER, in a script that re-checks that nothing is pending)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import re
 import socket
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 import sniffio
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import ResponseError
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    ClusterDownError,
+    InvalidResponse,
+    NoPermissionError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._errors import LifecycleError
-from ._base import Delivery
+from .._log import LOG
+from ._base import BrokerUnavailable, Delivery, MalformedMessage, decode_payload, encode_payload, job_name
 
+if TYPE_CHECKING:
+    from .._job import Job
+
+# Answers that mean "ask again in a moment" (a replica loading its data set, a failover
+# in progress); redis-py maps some to classes and strips the code from the message.
+_TRANSIENT_CODES = ("LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY")
+_MAX_BLOCK = 1.0  # seconds; an XREADGROUP BLOCK longer than this returns early instead
+_MAX_ATTEMPT = re.compile(rb"[1-9][0-9]{0,17}")  # a positive int, at most 18 digits
+_STREAM_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
+
+# True when KEYS[1]'s entry ARGV[3] is pending for consumer ARGV[2] of group ARGV[1].
+# pcall: a missing group (the key was deleted, a restart without persistence) is "not
+# owned", not an error that would fail every settle.
+_OWNED = """
+local function owned(id)
+  local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  return type(p) == 'table' and p.err == nil and p[1] ~= nil and p[1][2] == ARGV[2]
+end
+"""
+
+# KEYS: stream, target (stream, delayed set or dead stream). ARGV: group, consumer, id,
+# mode, score, then the fields to add (or, for 'zadd', the member).
+_SETTLE = (
+    _OWNED
+    + """
+if not owned(ARGV[3]) then return false end
+local result = 1
+if ARGV[4] == 'xadd' then
+  result = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 6))
+elseif ARGV[4] == 'zadd' then
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return result
+"""
+)
+
+# KEYS: stream. ARGV: group, consumer, ids... Returns the ids this consumer lost.
+_RENEW = """
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if type(p) == 'table' and p.err == nil and p[1] ~= nil and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+return lost
+"""
+
+# KEYS: delayed set, stream. ARGV: now, limit. A member that does not decode is moved
+# as it is, so that it reaches the worker as a malformed message instead of failing
+# this script, and so every receive, forever. Returns {moved, score of the next due}.
 _PROMOTE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, member in ipairs(due) do
-  local m = cjson.decode(member)
-  redis.call('XADD', KEYS[2], '*', 'job', m.job, 'payload', m.payload,
-             'attempt', tostring(m.attempt), 'enqueued_at', tostring(m.enqueued_at))
+  local ok, m = pcall(cjson.decode, member)
+  if ok and type(m) == 'table' and type(m.job) == 'string' and type(m.payload) == 'string' then
+    redis.call('XADD', KEYS[2], '*', 'job', m.job, 'payload', m.payload,
+               'attempt', tostring(m.attempt), 'enqueued_at', tostring(m.enqueued_at))
+  else
+    redis.call('XADD', KEYS[2], '*', 'delayed_member', member)
+  end
   redis.call('ZREM', KEYS[1], member)
 end
-return #due
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {#due, nxt[2] or false}
+"""
+
+# KEYS: stream. ARGV: group, consumer, min idle ms, cursor, count. Returns
+# {cursor, id, fields, times delivered, id, fields, times delivered, ...}.
+_RECLAIM = """
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+local out = {r[1]}
+for _, e in ipairs(r[2]) do
+  if e[2] then
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+    table.insert(out, e[1])
+    table.insert(out, e[2])
+    table.insert(out, p[1] and p[1][4] or 1)
+  else
+    redis.call('XACK', KEYS[1], ARGV[1], e[1])  -- Redis 6.2: deleted while pending
+  end
+end
+return out
+"""
+
+# KEYS: stream. ARGV: group, idle ms, this consumer. Deletes consumers with nothing
+# pending, idle for longer than ARGV[2]; atomic, so one cannot read in between.
+_FORGET = """
+local removed = {}
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+  if info['pending'] == 0 and info['idle'] > tonumber(ARGV[2]) and info['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    table.insert(removed, info['name'])
+  end
+end
+return removed
+"""
+
+# KEYS: dead stream, stream. ARGV: dead letter id, job, payload, enqueued_at.
+_REPLAY = """
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return false end
+local id = redis.call('XADD', KEYS[2], '*', 'job', ARGV[2], 'payload', ARGV[3], 'attempt', '1', 'enqueued_at', ARGV[4])
+redis.call('XDEL', KEYS[1], ARGV[1])
+return id
+"""
+
+# KEYS: dead stream. Returns how many entries it held.
+_PURGE_ALL = """
+local n = redis.call('XLEN', KEYS[1])
+redis.call('DEL', KEYS[1])
+return n
 """
 
 
-def _stream_fields(job: str, body: str, attempt: int, enqueued_at: float) -> dict[str, str]:
-    """A message as stream fields (the same shape _PROMOTE writes)."""
-    return {"job": job, "payload": body, "attempt": str(attempt), "enqueued_at": repr(enqueued_at)}
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``REDACTED`` (in the user info and in a
+    ``password=`` query parameter), for logs and error messages."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        # The last '@' ends the user info: an unescaped '@' in a password must not leak.
+        userinfo, host = rest.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":REDACTED"
+        url = f"{scheme}://{userinfo}@{host}"
+    return re.sub(r"(?i)(password=)[^&#]*", r"\1REDACTED", url)
 
 
-def _delayed_member(job: str, body: str, attempt: int, enqueued_at: float, **extra: str) -> tuple[str, str]:
-    """A message waiting in the delayed sorted set, and its unique id (so that two equal
-    payloads are two members)."""
-    uid = uuid.uuid4().hex
-    member = {"job": job, "payload": body, "attempt": attempt, "enqueued_at": enqueued_at, "uid": uid, **extra}
-    return json.dumps(member), uid
+def _url_secrets(url: str) -> list[str]:
+    """The password as it may appear in an error text (raw and percent-decoded)."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return []
+    return [secret for secret in {password, unquote(password or "")} if secret and len(secret) > 2]
 
 
 def _require_asyncio() -> None:
@@ -64,7 +216,98 @@ def _require_asyncio() -> None:
         )
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=False))
+
+
+def _message_fields(job: str, body: str | bytes, attempt: int, enqueued_at: float | str) -> list[Any]:
+    """A message as stream fields, flattened (the same shape _PROMOTE writes)."""
+    return ["job", job, "payload", body, "attempt", str(attempt), "enqueued_at", str(enqueued_at)]
+
+
+def _delayed_member(job: str, body: str, attempt: int, enqueued_at: str, **extra: str) -> tuple[str, str]:
+    """A message waiting in the delayed sorted set, and its unique id (so that two equal
+    payloads are two members). Numbers travel as strings: cjson would round them."""
+    uid = uuid.uuid4().hex
+    member = {"job": job, "payload": body, "attempt": str(attempt), "enqueued_at": enqueued_at, "uid": uid, **extra}
+    return json.dumps(member, ensure_ascii=False), uid
+
+
+def decode_fields(message_id: str, fields: Mapping[bytes, bytes], deliveries: int) -> Delivery:
+    """A stream entry as a ``Delivery``; one that does not decode is returned with
+    ``malformed`` set (``"<field>: <why>"``) and ``raw`` holding the fields' bytes.
+
+    Args:
+        message_id: the entry's id.
+        fields: the entry's fields, as bytes.
+        deliveries: the times it was delivered (XPENDING's count; 1 for a fresh read).
+    Required: ``job`` (non-empty UTF-8) and ``payload`` (see ``decode_payload``);
+    optional: ``attempt`` (a positive integer, default 1) and ``enqueued_at`` (finite,
+    non-negative epoch seconds, default 0)."""
+    raw = dict(fields)
+
+    def bad(why: str) -> Delivery:
+        return Delivery(message_id, "", None, 1, deliveries, 0.0, raw=raw, malformed=why)
+
+    job = fields.get(b"job")
+    if job is None:
+        return bad("job: missing")
+    try:
+        name = job.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return bad(f"job: not valid UTF-8 ({exc.reason} at byte {exc.start})")
+    if not name:
+        return bad("job: empty")
+    attempt_raw = fields.get(b"attempt", b"1")
+    if not _MAX_ATTEMPT.fullmatch(attempt_raw):
+        return bad(f"attempt: not a positive integer: {attempt_raw[:40]!r}")
+    enqueued_raw = fields.get(b"enqueued_at", b"0")
+    try:
+        enqueued_at = float(enqueued_raw)
+    except ValueError:
+        return bad(f"enqueued_at: not a number: {enqueued_raw[:40]!r}")
+    if not math.isfinite(enqueued_at) or enqueued_at < 0:
+        return bad(f"enqueued_at: not a finite time in seconds since the epoch: {enqueued_raw[:40]!r}")
+    body = fields.get(b"payload")
+    if body is None:
+        return bad("payload: missing")
+    try:
+        payload = decode_payload(body)
+    except MalformedMessage as exc:
+        return bad(f"payload: {exc}")
+    return Delivery(message_id, name, payload, int(attempt_raw), deliveries, enqueued_at, raw=raw)
+
+
 class RedisStreamQueue:
+    """A queue on a Redis stream shared by a consumer group (see the module docstring).
+
+    Construction does no I/O; ``open()`` (the worker calls it at start-up) connects and
+    checks the configuration. Producers may call ``enqueue`` without ``open``.
+
+    Args:
+        url: a redis-py URL (``redis://[user:password@]host:port/db``, ``rediss://``,
+            ``unix://``). Its password never appears in logs or errors.
+        stream: the stream key; ``{stream}:delayed`` and ``{stream}:dead`` go with it.
+        group: the consumer group shared by the workers of this queue.
+        consumer: this consumer's name in the group; default host-pid-random, unique.
+        dead_letter_stream: where dead letters go; default ``{stream}:dead``.
+        claim_idle: seconds (> 0) a delivery stays with its consumer without ``renew``
+            (this is ``lease``); after that another consumer reclaims it.
+        claim_interval: seconds between reclaim passes; default ``claim_idle / 2``.
+        consumer_timeout: seconds after which a consumer with nothing pending and no
+            activity is removed from the group; default ``max(10 * claim_idle, 60)``.
+        max_connections: connections in the pool; callers wait for a free one.
+        socket_timeout: seconds (> 0) a command may take before it fails with
+            ``BrokerUnavailable``; blocking reads are capped below it.
+        connect_timeout: seconds (> 0) to connect before ``BrokerUnavailable``.
+        health_check_interval: a connection idle for this many seconds is PINGed before
+            use, so a dead one is replaced instead of failing a command; 0 turns it off.
+    """
+
     def __init__(
         self,
         url: str = "redis://127.0.0.1:6379/0",
@@ -75,163 +318,408 @@ class RedisStreamQueue:
         dead_letter_stream: str | None = None,
         claim_idle: float = 60.0,
         claim_interval: float | None = None,
+        consumer_timeout: float | None = None,
         max_connections: int = 64,
+        socket_timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+        health_check_interval: float = 10.0,
     ) -> None:
         _require_asyncio()
-        if claim_idle <= 0:
-            raise ValueError(f"claim_idle must be positive, got {claim_idle!r}")
-        self.url = url
+        for name, value in (
+            ("claim_idle", claim_idle),
+            ("socket_timeout", socket_timeout),
+            ("connect_timeout", connect_timeout),
+        ):
+            if not value > 0:
+                raise ValueError(f"RedisStreamQueue {name} must be positive, got {value!r}")
+        self.url = redact_url(url)  # the only form kept in the open: it is printed
         self.stream = stream
         self.group = group
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.dead_letter_stream = dead_letter_stream or f"{stream}:dead"
         self.delayed_key = f"{stream}:delayed"
         self.claim_idle = claim_idle
+        self.lease: float | None = claim_idle
         self.claim_interval = claim_interval if claim_interval is not None else claim_idle / 2
-        # A blocking pool: with many jobs settling at once, wait for a connection
-        # instead of failing with "Too many connections".
-        pool = BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=None, decode_responses=True
-        )
-        self.redis: Redis = Redis(connection_pool=pool)
-        self._promote = self.redis.register_script(_PROMOTE)
+        self.consumer_timeout = consumer_timeout if consumer_timeout is not None else max(10 * claim_idle, 60.0)
+        # BLOCK well inside the socket timeout: a read that waits for messages must
+        # never look like a stalled server.
+        self._block_cap = min(_MAX_BLOCK, socket_timeout / 4)
+        self._secrets = _url_secrets(url)
+        self._url_error: str | None = None
+        self._redis: Redis | None = None
+        try:
+            # A blocking pool: with many jobs settling at once, wait for a connection
+            # instead of failing with "Too many connections". No retries inside
+            # redis-py: a failure surfaces at once as BrokerUnavailable, and the worker
+            # decides (with backoff) when to call again.
+            pool = BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=None,
+                decode_responses=False,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=connect_timeout,
+                health_check_interval=health_check_interval,
+                retry=RedisRetry(NoBackoff(), 0),
+            )
+            self._redis = Redis(connection_pool=pool)
+        except (ValueError, TypeError) as exc:
+            self._url_error = self._scrub(f"{type(exc).__name__}: {exc}")
         self._group_ready = False
-        self._last_claim = 0.0
+        self._last_claim = -math.inf
         self._claim_cursor = "0-0"
+        self._held: set[str] = set()  # ids handed out and not settled: not "reclaimed" from ourselves
+        self._scripts: dict[str, Any] = {}
 
-    async def _ready(self) -> None:
+    # -- plumbing -----------------------------------------------------------------------
+    def _where(self, op: str) -> str:
+        return f"RedisStreamQueue {op} (stream {self.stream!r}, group {self.group!r}, url {self.url})"
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "REDACTED")
+        return text
+
+    def _client(self) -> Redis:
         _require_asyncio()
+        if self._redis is None:
+            raise LifecycleError(
+                f"{self._where('open')}: invalid Redis URL ({self._url_error}); expected "
+                f"redis://[user:password@]host:port/db, rediss://... or unix://path"
+            )
+        return self._redis
+
+    def _script(self, source: str) -> Any:
+        script = self._scripts.get(source)
+        if script is None:
+            # redis-py's Script reloads itself after a NOSCRIPT (a restarted server).
+            script = self._scripts[source] = self._client().register_script(source)
+        return script
+
+    @contextlib.contextmanager
+    def _errors(self, op: str) -> Iterator[None]:
+        """Transient failures become BrokerUnavailable; misconfiguration a clear
+        LifecycleError. Texts pass through _scrub: no password reaches a message."""
+        try:
+            yield
+        except (AuthenticationError, AuthorizationError) as exc:
+            raise LifecycleError(
+                f"{self._where(op)}: Redis refused the credentials: {self._scrub(str(exc))}; "
+                f"check the user name and password in the URL"
+            ) from None
+        except NoPermissionError as exc:
+            raise LifecycleError(
+                f"{self._where(op)}: the Redis user lacks a permission the queue needs: {self._scrub(str(exc))}; "
+                f"it needs the stream, set and script commands on keys {self.stream!r}, "
+                f"{self.delayed_key!r} and {self.dead_letter_stream!r}"
+            ) from None
+        except (ClusterDownError, TryAgainError, ReadOnlyError) as exc:
+            raise self._unavailable(op, exc) from exc
+        except ResponseError as exc:
+            text = self._scrub(str(exc))
+            if text.startswith(_TRANSIENT_CODES):
+                raise self._unavailable(op, exc) from exc
+            if text.startswith("WRONGTYPE"):
+                raise LifecycleError(
+                    f"{self._where(op)}: a key of this queue holds the wrong type ({text}); keys "
+                    f"{self.stream!r} and {self.dead_letter_stream!r} must be streams, "
+                    f"{self.delayed_key!r} a sorted set"
+                ) from None
+            raise LifecycleError(f"{self._where(op)}: Redis answered an error: {text}") from None
+        except (RedisConnectionError, RedisTimeoutError, InvalidResponse, OSError) as exc:
+            # BusyLoadingError is a ConnectionError; InvalidResponse is a garbled answer
+            # (a connection cut mid-reply). Anything else (DataError, say) is a bug here.
+            raise self._unavailable(op, exc) from exc
+
+    def _unavailable(self, op: str, exc: BaseException) -> BrokerUnavailable:
+        return BrokerUnavailable(f"{self._where(op)}: Redis unavailable: {type(exc).__name__}: {self._scrub(str(exc))}")
+
+    async def _ensure_group(self, redis: Redis) -> None:
         if self._group_ready:
             return
         try:
             # From id 0, so that messages enqueued before the first worker are not missed.
-            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            await redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
         self._group_ready = True
 
+    # -- set-up -------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Connect, check the keys' types, create the group (if needed) and load the
+        scripts. A bad URL, rejected credentials, a missing permission or a key of the
+        wrong type raise ``LifecycleError``; an unreachable server ``BrokerUnavailable``."""
+        redis = self._client()
+        with self._errors("open"):
+            await redis.ping()
+            async with redis.pipeline(transaction=False) as pipe:
+                for key in (self.stream, self.delayed_key, self.dead_letter_stream):
+                    pipe.type(key)
+                types = [_text(kind) for kind in await pipe.execute()]
+            expected = {self.stream: "stream", self.delayed_key: "zset", self.dead_letter_stream: "stream"}
+            for (key, want), kind in zip(expected.items(), types, strict=True):
+                if kind not in ("none", want):
+                    raise LifecycleError(
+                        f"{self._where('open')}: key {key!r} is a {kind}, but the queue needs a {want} there; "
+                        f"choose another stream name or delete the key"
+                    )
+            self._group_ready = False
+            await self._ensure_group(redis)
+            for source in (_SETTLE, _RENEW, _PROMOTE, _RECLAIM, _FORGET, _REPLAY, _PURGE_ALL):
+                await redis.script_load(source)
+
     # -- producing ----------------------------------------------------------------------
     async def enqueue(
-        self, job: str, payload: Mapping[str, Any] | None = None, *, delay: float | None = None, attempt: int = 1
+        self,
+        job: str | Job[..., Any],
+        payload: Mapping[str, Any] | None = None,
+        *,
+        delay: float | None = None,
+        at: float | None = None,
+        attempt: int = 1,
     ) -> str:
-        _require_asyncio()
-        body = json.dumps(dict(payload or {}))
-        if delay:
-            member, uid = _delayed_member(job, body, attempt, time.time())
-            await self.redis.zadd(self.delayed_key, {member: time.time() + delay})
-            return f"delayed:{uid}"
-        return str(await self.redis.xadd(self.stream, _stream_fields(job, body, attempt, time.time())))  # type: ignore[arg-type]
+        """Add a message; returns its stream id, or ``delayed:<uid>`` for a later one.
+
+        Args:
+            job: the job's name, or a ``Job`` (then the payload is validated first:
+                ``PayloadError``).
+            payload: the job's arguments, a JSON-serialisable mapping (``TypeError``
+                or ``ValueError`` otherwise, here rather than at the worker).
+            delay: seconds from now; None or <= 0 means now. Not with ``at``.
+            at: when to run it, in seconds since the epoch (a past time means now).
+            attempt: the attempt number the message carries (>= 1).
+        """
+        if delay is not None and at is not None:
+            raise ValueError(f"enqueue of {job!r}: give delay or at, not both (delay={delay!r}, at={at!r})")
+        if attempt < 1:
+            raise ValueError(f"enqueue of {job!r}: attempt must be >= 1, got {attempt!r}")
+        name, args = job_name(job, payload)
+        body = encode_payload(args)
+        now = time.time()
+        due = now + delay if delay is not None else at
+        redis = self._client()
+        with self._errors(f"enqueue of job {name!r}"):
+            if due is not None and due > now:
+                member, uid = _delayed_member(name, body, attempt, repr(now))
+                await redis.zadd(self.delayed_key, {member: due})
+                return f"delayed:{uid}"
+            fields = _message_fields(name, body, attempt, repr(now))
+            return _text(await redis.xadd(self.stream, _pairs(fields)))  # type: ignore[arg-type]
 
     # -- consuming ----------------------------------------------------------------------
     async def receive(self, limit: int, timeout: float) -> list[Delivery]:
-        await self._ready()
-        await self._promote(keys=[self.delayed_key, self.stream], args=[repr(time.time()), 100])
+        """Up to ``limit`` messages: due delayed ones are moved in first, then entries
+        of dead consumers are reclaimed (every ``claim_interval``), then new ones are
+        read, waiting at most ``timeout`` seconds, and at most about a second: an empty
+        answer before ``timeout`` is normal, call again."""
+        redis = self._client()
+        if limit < 1:
+            return []
+        with self._errors("receive"):
+            try:
+                return await self._receive(redis, limit, timeout)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The stream was deleted, or a restart without persistence lost it:
+                # create the group again on the next call.
+                self._group_ready = False
+                return []
+
+    async def _receive(self, redis: Redis, limit: int, timeout: float) -> list[Delivery]:
+        await self._ensure_group(redis)
+        promoted = await self._script(_PROMOTE)(keys=[self.delayed_key, self.stream], args=[repr(time.time()), 100])
+        wait = min(max(timeout, 0.0), self._block_cap)
+        if promoted[1] is not None:  # a delayed message falls due sooner
+            wait = min(wait, max(float(promoted[1]) - time.time(), 0.0))
         now = time.monotonic()
         if now - self._last_claim >= self.claim_interval:
-            self._last_claim = now
-            claimed = await self._claim(limit)
+            claimed = await self._reclaim(limit)
+            await self._forget_consumers()
+            self._last_claim = now  # only once the pass succeeded
             if claimed:
                 return claimed
-        response: Any = await self.redis.xreadgroup(
-            self.group, self.consumer, {self.stream: ">"}, count=limit, block=max(1, int(timeout * 1000))
+        block = int(wait * 1000)
+        response: Any = await redis.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=limit, block=block if block > 0 else None
         )
         deliveries = []
         for _stream, entries in response or ():
             for message_id, fields in entries:
-                deliveries.append(self._delivery(message_id, fields, 1))
+                deliveries.append(decode_fields(_text(message_id), fields or {}, 1))
+        self._held.update(delivery.id for delivery in deliveries)
         return deliveries
 
-    async def _claim(self, limit: int) -> list[Delivery]:
-        """Take over messages another consumer left pending for longer than claim_idle."""
-        claimed: Any = await self.redis.xautoclaim(
-            self.stream,
-            self.group,
-            self.consumer,
-            min_idle_time=int(self.claim_idle * 1000),
-            start_id=self._claim_cursor,
-            count=limit,
-        )
-        cursor, entries = claimed[0], claimed[1]
-        self._claim_cursor = cursor
+    async def _reclaim(self, limit: int) -> list[Delivery]:
+        """Take over messages left pending for longer than claim_idle (their consumer
+        died). Our own held ones come back too (an outage outlasted their lease); they
+        are still running here, so they are not handed out a second time."""
+        args = [self.group, self.consumer, int(self.claim_idle * 1000), self._claim_cursor, limit]
+        out: Any = await self._script(_RECLAIM)(keys=[self.stream], args=args)
+        self._claim_cursor = _text(out[0])
         deliveries = []
-        for message_id, fields in entries:
-            if fields is None:  # deleted while pending
-                await self.redis.xack(self.stream, self.group, message_id)
+        for index in range(1, len(out), 3):
+            message_id = _text(out[index])
+            if message_id in self._held:
                 continue
-            info = await self.redis.xpending_range(self.stream, self.group, min=message_id, max=message_id, count=1)
-            count = int(info[0]["times_delivered"]) if info else 1
-            deliveries.append(self._delivery(message_id, fields, count))
+            deliveries.append(decode_fields(message_id, _pairs(out[index + 1]), int(out[index + 2])))
+        if deliveries:
+            self._held.update(delivery.id for delivery in deliveries)
+            LOG.info(
+                "queue.reclaimed", stream=self.stream, consumer=self.consumer, ids=[d.id for d in deliveries]
+            )
         return deliveries
 
-    def _delivery(self, message_id: str, fields: Mapping[str, str], deliveries: int) -> Delivery:
-        raw_payload = fields.get("payload", "{}")
-        try:
-            payload: Any = json.loads(raw_payload)
-        except ValueError:
-            payload = raw_payload  # not JSON: the worker dead-letters it as an invalid payload
-        return Delivery(
-            id=message_id,
-            job=fields.get("job", ""),
-            payload=payload,
-            attempt=int(fields.get("attempt", "1") or 1),
-            deliveries=deliveries,
-            enqueued_at=float(fields.get("enqueued_at", "0") or 0),
-            raw=fields,
-        )
+    async def _forget_consumers(self) -> None:
+        args = [self.group, int(self.consumer_timeout * 1000), self.consumer]
+        removed: Any = await self._script(_FORGET)(keys=[self.stream], args=args)
+        if removed:
+            LOG.info("queue.consumers_removed", stream=self.stream, consumers=[_text(name) for name in removed])
 
     # -- settling -----------------------------------------------------------------------
+    async def _settle(self, op: str, delivery: Delivery, target: str, mode: str, *extra: Any) -> bool:
+        """Run _SETTLE; False when the delivery was no longer ours (settled already, or
+        taken over by another consumer): then nothing changed."""
+        args = [self.group, self.consumer, delivery.id, mode, *extra]
+        with self._errors(f"{op} of message {delivery.id} (job {delivery.job!r})"):
+            result = await self._script(_SETTLE)(keys=[self.stream, target], args=args)
+        self._held.discard(delivery.id)
+        if result is None:
+            LOG.debug("queue.settle_skipped", op=op, job=delivery.job, job_id=delivery.id, consumer=self.consumer)
+        return result is not None
+
+    def _body(self, delivery: Delivery) -> str:
+        """The payload as it arrived (no float or int drift), else re-encoded."""
+        raw = delivery.raw.get(b"payload") if isinstance(delivery.raw, Mapping) else None
+        return raw.decode("utf-8") if isinstance(raw, bytes) else encode_payload(delivery.payload)
+
     async def ack(self, delivery: Delivery) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            self._settle(pipe, delivery)
-            await pipe.execute()
+        """Done: XACK and XDEL, if the delivery is still this consumer's."""
+        await self._settle("ack", delivery, self.stream, "ack", "")
 
     async def retry(self, delivery: Delivery, delay: float, error: str) -> None:
-        body = json.dumps(delivery.payload)
-        attempt = delivery.attempt + 1
-        async with self.redis.pipeline(transaction=True) as pipe:
-            if delay > 0:
-                member, _ = _delayed_member(delivery.job, body, attempt, delivery.enqueued_at, last_error=error[:500])
-                pipe.zadd(self.delayed_key, {member: time.time() + delay})
-            else:
-                pipe.xadd(self.stream, _stream_fields(delivery.job, body, attempt, delivery.enqueued_at))  # type: ignore[arg-type]
-            self._settle(pipe, delivery)
-            await pipe.execute()
+        """Re-enqueue as attempt + 1 after ``delay`` seconds (through the delayed set
+        when > 0) and ack this delivery, atomically; ``error`` is kept as
+        ``last_error`` (first 500 characters)."""
+        if delivery.malformed is not None:
+            raise ValueError(
+                f"retry of message {delivery.id}: a malformed message ({delivery.malformed}) cannot be "
+                f"retried; dead-letter it"
+            )
+        body, attempt, enqueued_at = self._body(delivery), delivery.attempt + 1, repr(delivery.enqueued_at)
+        if delay > 0:
+            member, _ = _delayed_member(delivery.job, body, attempt, enqueued_at, last_error=error[:500])
+            await self._settle("retry", delivery, self.delayed_key, "zadd", repr(time.time() + delay), member)
+        else:
+            fields = [*_message_fields(delivery.job, body, attempt, enqueued_at), "last_error", error[:500]]
+            await self._settle("retry", delivery, self.stream, "xadd", "", *fields)
 
     async def dead_letter(self, delivery: Delivery, record: Mapping[str, Any]) -> None:
-        fields = {key: value if isinstance(value, str) else json.dumps(value) for key, value in record.items()}
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.dead_letter_stream, fields)  # type: ignore[arg-type]
-            self._settle(pipe, delivery)
-            await pipe.execute()
-
-    def _settle(self, pipe: Any, delivery: Delivery) -> None:
-        """Done with this delivery: acknowledge it and drop it from the stream."""
-        pipe.xack(self.stream, self.group, delivery.id)
-        pipe.xdel(self.stream, delivery.id)
+        """Add ``record`` to the dead stream (every value as JSON) and ack this
+        delivery, atomically. A malformed delivery's original fields are kept too, as
+        ``raw:<field>`` holding their exact bytes."""
+        fields: list[Any] = []
+        for key, value in record.items():
+            fields += [key, json.dumps(value, default=repr)]
+        if delivery.malformed is not None and isinstance(delivery.raw, Mapping):
+            for name, value in delivery.raw.items():
+                fields += [b"raw:" + name, value]
+        await self._settle("dead_letter", delivery, self.dead_letter_stream, "xadd", "", *fields)
 
     async def release(self, delivery: Delivery) -> None:
-        """Leave it pending: another consumer reclaims it after ``claim_idle``."""
-        return None
+        """Put it back now, unchanged (same attempt and enqueued_at), as a new entry,
+        and ack this one, atomically: redelivered at once, no delivery counted."""
+        if isinstance(delivery.raw, Mapping) and delivery.raw:
+            fields: list[Any] = [item for pair in delivery.raw.items() for item in pair]
+        else:
+            body = encode_payload(delivery.payload)
+            fields = _message_fields(delivery.job, body, delivery.attempt, repr(delivery.enqueued_at))
+        await self._settle("release", delivery, self.stream, "xadd", "", *fields)
 
-    async def heartbeat(self, deliveries: Sequence[Delivery]) -> None:
-        if deliveries:
-            await self.redis.xclaim(self.stream, self.group, self.consumer, 0, [d.id for d in deliveries], justid=True)
+    async def renew(self, deliveries: Sequence[Delivery]) -> list[str]:
+        """Reset the idle time of those deliveries this consumer still owns (XCLAIM
+        JUSTID: no delivery counted); returns the ids of the others (lost)."""
+        if not deliveries:
+            return []
+        ids = [delivery.id for delivery in deliveries]
+        with self._errors(f"renew of {len(ids)} message(s)"):
+            lost: Any = await self._script(_RENEW)(keys=[self.stream], args=[self.group, self.consumer, *ids])
+        lost_ids = [_text(message_id) for message_id in lost]
+        self._held.difference_update(lost_ids)
+        return lost_ids
 
-    # -- inspection ---------------------------------------------------------------------
-    async def dead_letters(self, count: int = 100) -> list[dict[str, Any]]:
-        """The most recent dead letters, oldest first, values decoded."""
-        entries: Any = await self.redis.xrange(self.dead_letter_stream, count=count)
-        decoded = []
-        for message_id, fields in entries:
-            record: dict[str, Any] = {"dead_letter_id": message_id}
-            for key, value in fields.items():
+    # -- dead letters -------------------------------------------------------------------
+    async def dead_letters(self, count: int = 100, before: str | None = None) -> list[dict[str, Any]]:
+        """Dead letters, newest first: at most ``count``, older than the dead letter
+        ``before`` (exclusive) when given. Values are JSON-decoded; ``raw:<field>``
+        values (a malformed message's original fields) are bytes. Each record has its
+        ``dead_letter_id`` (for ``before``, ``replay`` and ``purge``)."""
+        if before is not None and not _STREAM_ID.fullmatch(before):
+            raise ValueError(f"dead_letters: before must be a dead_letter_id like '1700000000000-0', got {before!r}")
+        if count < 1:
+            return []
+        redis = self._client()
+        with self._errors("dead_letters"):
+            entries: Any = await redis.xrevrange(
+                self.dead_letter_stream, max="+" if before is None else f"({before}", min="-", count=count
+            )
+        return [self._dead_record(_text(message_id), fields) for message_id, fields in entries]
+
+    @staticmethod
+    def _dead_record(message_id: str, fields: Mapping[bytes, bytes]) -> dict[str, Any]:
+        record: dict[str, Any] = {"dead_letter_id": message_id}
+        for name, value in fields.items():
+            key = _text(name)
+            if name.startswith(b"raw:"):
+                record[key] = value
+                continue
+            try:
+                record[key] = json.loads(value)
+            except ValueError:  # not written by dead_letter (or not UTF-8): as it is
                 try:
-                    record[key] = json.loads(value)
-                except ValueError:
+                    record[key] = value.decode("utf-8")
+                except UnicodeDecodeError:
                     record[key] = value
-            decoded.append(record)
-        return decoded
+        return record
+
+    async def replay(self, ids: Sequence[str]) -> int:
+        """Put these dead letters back on the stream as new messages (attempt 1, same
+        job and payload) and delete them from the dead stream, atomically per id.
+        Missing ids and malformed dead letters (no job or payload) are skipped; returns
+        how many were replayed."""
+        redis = self._client()
+        replayed = 0
+        for dead_id in ids:
+            if not _STREAM_ID.fullmatch(dead_id):
+                raise ValueError(f"replay: {dead_id!r} is not a dead_letter_id like '1700000000000-0'")
+            with self._errors(f"replay of dead letter {dead_id}"):
+                entries: Any = await redis.xrange(self.dead_letter_stream, min=dead_id, max=dead_id, count=1)
+                if not entries:
+                    continue
+                record = self._dead_record(dead_id, entries[0][1])
+                job, payload = record.get("job"), record.get("payload")
+                if not isinstance(job, str) or not job or not isinstance(payload, dict):
+                    continue  # malformed: nothing to run; its raw fields stay for a human
+                args = [dead_id, job, encode_payload(payload), repr(time.time())]
+                new_id = await self._script(_REPLAY)(keys=[self.dead_letter_stream, self.stream], args=args)
+            replayed += new_id is not None
+        return replayed
+
+    async def purge(self, ids: Sequence[str] | None = None) -> int:
+        """Delete these dead letters, or all of them (``ids=None``); returns how many."""
+        redis = self._client()
+        with self._errors("purge"):
+            if ids is None:
+                return int(await self._script(_PURGE_ALL)(keys=[self.dead_letter_stream], args=[]))
+            if not ids:
+                return 0
+            return int(await redis.xdel(self.dead_letter_stream, *ids))
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        """Close the connections (idempotent; a dead server is not an error here)."""
+        if self._redis is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.aclose()
+                await self._redis.connection_pool.disconnect()

@@ -1,0 +1,254 @@
+"""The queue contract (``lifecycle/queues/_base.py``), one suite for every backend:
+MemoryQueue on asyncio and trio, RedisStreamQueue on asyncio against the real Redis
+(skipped with a reason when Redis is unreachable; under CI=true that is a failure).
+
+"Another consumer" is a second RedisStreamQueue in the same group; for MemoryQueue, an
+in-process queue, it is the same queue object."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import anyio
+import pytest
+
+from lifecycle import PayloadError, job
+from lifecycle.queues import Delivery, MemoryQueue, Queue
+
+pytestmark = pytest.mark.anyio
+LEASE = 1.0  # seconds; the lease tests wait a few of these
+
+
+@job
+async def send_email(user_id: int) -> None:
+    pass
+
+
+@dataclass
+class Harness:
+    queue: Queue
+    other: Callable[[], Queue]  # a second consumer of the same messages
+    opened: list[Queue] = field(default_factory=list)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("memory", "asyncio"), id="memory-asyncio"),
+        pytest.param(("memory", "trio"), id="memory-trio"),
+        pytest.param(("redis", "asyncio"), id="redis-asyncio", marks=pytest.mark.redis),
+    ]
+)
+def case(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def anyio_backend(case: tuple[str, str]) -> str:
+    return case[1]  # redis-py's client is asyncio-only
+
+
+@pytest.fixture
+async def harness(case: tuple[str, str], request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    if case[0] == "memory":
+        memory = MemoryQueue(lease=LEASE)
+        yield Harness(memory, lambda: memory)
+        return
+    from redis.asyncio import Redis
+
+    from lifecycle.queues import RedisStreamQueue
+
+    url: str = request.getfixturevalue("redis_url")
+    stream = f"lifecycle-contract-{uuid.uuid4().hex[:12]}"
+
+    def make() -> RedisStreamQueue:
+        # claim_interval=0: every receive looks for expired leases, as MemoryQueue does.
+        return RedisStreamQueue(url, stream=stream, group="workers", claim_idle=LEASE, claim_interval=0)
+
+    harness = Harness(make(), make)
+    opened = harness.opened
+
+    def other() -> Queue:
+        queue = make()
+        opened.append(queue)
+        return queue
+
+    harness.other = other
+    try:
+        yield harness
+    finally:
+        for queue in [harness.queue, *opened]:
+            await queue.close()
+        client = Redis.from_url(url)
+        await client.delete(stream, f"{stream}:dead", f"{stream}:delayed")
+        await client.aclose()
+
+
+async def collect(queue: Queue, count: int, limit: float = 10) -> list[Delivery]:
+    """Receive until ``count`` deliveries arrived (or fail after ``limit`` seconds)."""
+    got: list[Delivery] = []
+    with anyio.fail_after(limit):
+        while len(got) < count:
+            got += await queue.receive(count - len(got), 0.2)
+    return got
+
+
+async def nothing_ready(queue: Queue) -> bool:
+    return await queue.receive(10, 0) == []
+
+
+async def test_enqueue_receive_ack(harness: Harness) -> None:
+    queue = harness.queue
+    await queue.open()
+    before = time.time()
+    ids = [await queue.enqueue("send_email", {"user_id": n}) for n in range(3)]
+    await queue.enqueue(send_email, {"user_id": 3})  # a Job: validated, sent by its name
+    assert len(set(ids)) == 3
+    deliveries = await collect(queue, 4)
+    assert sorted(d.payload["user_id"] for d in deliveries) == [0, 1, 2, 3]
+    for delivery in deliveries:
+        assert (delivery.job, delivery.attempt, delivery.deliveries, delivery.malformed) == ("send_email", 1, 1, None)
+        assert before - 1 <= delivery.enqueued_at <= time.time() + 1
+        await queue.ack(delivery)
+    assert await nothing_ready(queue)
+    assert await queue.renew(deliveries) == [d.id for d in deliveries]  # settled: no longer ours
+
+
+async def test_enqueue_refuses_a_bad_payload_and_delay_with_at(harness: Harness) -> None:
+    with pytest.raises(PayloadError, match="user_id"):
+        await harness.queue.enqueue(send_email, {"user": 3})
+    with pytest.raises(ValueError, match="not both"):
+        await harness.queue.enqueue("send_email", {"user_id": 3}, delay=1, at=time.time() + 1)
+    with pytest.raises(TypeError):
+        await harness.queue.enqueue("send_email", {"user_id": object()})
+    assert await nothing_ready(harness.queue)
+
+
+async def test_retry_comes_back_as_the_next_attempt_after_its_delay(harness: Harness) -> None:
+    queue = harness.queue
+    await queue.enqueue("send_email", {"user_id": 7})
+    [first] = await collect(queue, 1)
+    await queue.retry(first, 0, "ValueError: once")
+    [second] = await collect(queue, 1)
+    assert (second.job, second.payload, second.attempt, second.deliveries) == ("send_email", {"user_id": 7}, 2, 1)
+    assert second.enqueued_at == pytest.approx(first.enqueued_at)
+    scheduled = time.monotonic()
+    await queue.retry(second, 1.0, "ValueError: twice")
+    assert await nothing_ready(queue)  # waits for its delay
+    [third] = await collect(queue, 1)
+    assert time.monotonic() - scheduled >= 0.9
+    assert (third.payload, third.attempt) == ({"user_id": 7}, 3)
+    await queue.ack(third)
+
+
+async def test_enqueue_with_delay_or_at(harness: Harness) -> None:
+    queue = harness.queue
+    start = time.monotonic()
+    await queue.enqueue("send_email", {"user_id": 1}, delay=1.0)
+    await queue.enqueue("send_email", {"user_id": 2}, at=time.time() + 1.0)
+    await queue.enqueue("send_email", {"user_id": 3}, at=time.time() - 60)  # past: now
+    [now] = await collect(queue, 1)
+    assert now.payload == {"user_id": 3}
+    later = await collect(queue, 2)
+    assert time.monotonic() - start >= 0.9
+    assert sorted(d.payload["user_id"] for d in later) == [1, 2]
+    for delivery in [now, *later]:
+        await queue.ack(delivery)
+
+
+async def test_dead_letters_newest_first_with_paging_replay_and_purge(harness: Harness) -> None:
+    queue = harness.queue
+    for n in range(5):
+        await queue.enqueue("send_email", {"user_id": n})
+    for delivery in sorted(await collect(queue, 5), key=lambda d: d.payload["user_id"]):
+        record = {"job": delivery.job, "payload": delivery.payload, "reason": "failed", "error": "E: x"}
+        await queue.dead_letter(delivery, record)
+    newest = await queue.dead_letters(2)
+    assert [r["payload"]["user_id"] for r in newest] == [4, 3]
+    assert newest[0]["reason"] == "failed" and newest[0]["error"] == "E: x"
+    older = await queue.dead_letters(2, before=newest[-1]["dead_letter_id"])
+    assert [r["payload"]["user_id"] for r in older] == [2, 1]
+    oldest = await queue.dead_letters(10, before=older[-1]["dead_letter_id"])
+    assert [r["payload"]["user_id"] for r in oldest] == [0]
+    assert await queue.dead_letters(10, before=oldest[0]["dead_letter_id"]) == []
+
+    assert await queue.replay([newest[0]["dead_letter_id"]]) == 1
+    assert await queue.replay([newest[0]["dead_letter_id"]]) == 0  # gone from the dead letters
+    [replayed] = await collect(queue, 1)
+    assert (replayed.job, replayed.payload, replayed.attempt) == ("send_email", {"user_id": 4}, 1)
+    await queue.ack(replayed)
+
+    assert await queue.purge([newest[1]["dead_letter_id"], newest[1]["dead_letter_id"]]) == 1
+    assert [r["payload"]["user_id"] for r in await queue.dead_letters()] == [2, 1, 0]
+    assert await queue.purge() == 3
+    assert await queue.dead_letters() == []
+    assert await queue.purge() == 0
+
+
+async def test_release_keeps_the_attempt_and_counts_no_delivery(harness: Harness) -> None:
+    queue = harness.queue
+    await queue.enqueue("send_email", {"user_id": 5}, attempt=3)
+    [held] = await collect(queue, 1)
+    assert (held.attempt, held.deliveries) == (3, 1)
+    await queue.release(held)
+    await queue.release(held)  # repeated: still one copy
+    [again] = await collect(queue, 1)
+    assert (again.payload, again.attempt, again.deliveries) == ({"user_id": 5}, 3, 1)
+    assert again.enqueued_at == pytest.approx(held.enqueued_at)
+    assert await nothing_ready(queue)
+    await queue.ack(again)
+
+
+async def test_settling_twice_is_harmless(harness: Harness) -> None:
+    queue = harness.queue
+    for n in range(3):
+        await queue.enqueue("send_email", {"user_id": n})
+    by_user = {d.payload["user_id"]: d for d in await collect(queue, 3)}
+    await queue.ack(by_user[0])
+    await queue.ack(by_user[0])
+    await queue.retry(by_user[0], 0, "late")  # settled already: no retry
+    await queue.retry(by_user[1], 0, "E: once")
+    await queue.retry(by_user[1], 0, "E: once")  # the answer was lost: asked again
+    record = {"job": "send_email", "payload": {"user_id": 2}, "reason": "failed"}
+    await queue.dead_letter(by_user[2], record)
+    await queue.dead_letter(by_user[2], record)
+    await queue.release(by_user[2])
+    [retried] = await collect(queue, 1)
+    assert (retried.payload, retried.attempt) == ({"user_id": 1}, 2)
+    assert await nothing_ready(queue)
+    assert len(await queue.dead_letters()) == 1
+    await queue.ack(retried)
+
+
+async def test_renew_keeps_a_message_from_being_taken_over(harness: Harness) -> None:
+    queue, other = harness.queue, harness.other()
+    await queue.enqueue("send_email", {"user_id": 1})
+    [held] = await collect(queue, 1)
+    deadline = time.monotonic() + 3 * LEASE
+    while time.monotonic() < deadline:
+        assert await queue.renew([held]) == []
+        assert await other.receive(10, 0.1) == []
+    await queue.ack(held)
+    assert await nothing_ready(other)
+
+
+async def test_a_dead_consumers_message_is_redelivered_and_its_delivery_counted(harness: Harness) -> None:
+    queue, other = harness.queue, harness.other()
+    await queue.enqueue("send_email", {"user_id": 1})
+    [held] = await collect(queue, 1)  # ... and its consumer dies: no renew
+    [taken] = await collect(other, 1)
+    assert (taken.payload, taken.attempt, taken.deliveries) == ({"user_id": 1}, 1, 2)
+    assert await queue.renew([held]) == [held.id]  # the dead one, back, learns it lost it
+    await queue.ack(held)  # a stale settle changes nothing
+    await queue.retry(held, 0, "stale")
+    assert await other.renew([taken]) == []
+    await other.ack(taken)
+    assert await nothing_ready(other)
+    assert await queue.dead_letters() == []
+
+
+async def test_lease_is_declared(harness: Harness) -> None:
+    assert harness.queue.lease == LEASE
+
