@@ -1,12 +1,16 @@
 """Jobs driven by tests/test_cli.py through the real command line. Every setup and
 teardown appends a line to the file named by $EVIDENCE, so the tests can see what ran
-even after the process was signalled."""
+even after the process was signalled.
+
+With $SLOW_IMPORT set, importing this module notes "import waiting" and then waits until
+the test notes "signal sent": the test's signal then surely arrives during the import."""
 
 from __future__ import annotations
 
 import enum
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Literal
@@ -20,6 +24,21 @@ from lifecycle.queues import MemoryQueue
 def note(text: str) -> None:
     with open(os.environ["EVIDENCE"], "a") as fh:
         fh.write(text + "\n")
+
+
+def _wait_for_the_signal() -> None:
+    note("import waiting")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with open(os.environ["EVIDENCE"]) as fh:
+            if "signal sent\n" in fh.read():
+                break
+        time.sleep(0.02)
+    note("import done")
+
+
+if os.environ.get("SLOW_IMPORT"):
+    _wait_for_the_signal()
 
 
 class Color(enum.Enum):
@@ -116,3 +135,40 @@ queue = MemoryQueue()
 for i in range(3):
     queue.enqueue_nowait("work", {"n": i})
 worker = Worker(queue, [work], concurrency=2)
+
+
+@job
+async def fail_in_parts() -> None:
+    """Fails with an exception group, as a job running a task group does."""
+    raise ExceptionGroup("job parts", [ValueError("left part"), KeyError("right part")])
+
+
+@job
+async def leak_secret() -> None:
+    """Fails with a password in its error message."""
+    raise ConnectionError("cannot reach postgresql://app:s3cret-pw@db.internal:5432/app")
+
+
+busy_queue = MemoryQueue()
+busy_queue.enqueue_nowait("work", {"n": 7, "pause": 2.0})
+busy_worker = Worker(busy_queue, [work], shutdown_grace=30)  # in-flight jobs may finish
+
+stuck_queue = MemoryQueue()
+stuck_queue.enqueue_nowait("hang", {})
+stuck_worker = Worker(stuck_queue, [hang], shutdown_grace=0)  # cancelled at once; teardown hangs
+
+
+class CrashingWorker(Worker):
+    """Crashes inside a task group after starting, as a worker whose reader broke would."""
+
+    async def run(self) -> None:
+        async def read() -> None:
+            await anyio.sleep(0)
+            raise RuntimeError("broker exploded: connection to redis://:s3cret-pw@127.0.0.1:1/0 reset")
+
+        note("crashing")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+
+
+crashing_worker = CrashingWorker(MemoryQueue(), [work])

@@ -19,8 +19,8 @@ def evidence(tmp_path: Path) -> Path:
     return tmp_path / "evidence.log"
 
 
-def env_for(evidence: Path) -> dict[str, str]:
-    return {**os.environ, "EVIDENCE": str(evidence), "PYTHONUNBUFFERED": "1"}
+def env_for(evidence: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "EVIDENCE": str(evidence), "PYTHONUNBUFFERED": "1", **extra}
 
 
 def cli(evidence: Path, *args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -38,14 +38,30 @@ def lines(evidence: Path) -> list[str]:
     return evidence.read_text().splitlines() if evidence.exists() else []
 
 
-def start(evidence: Path, *args: str) -> subprocess.Popen[str]:
+def start(evidence: Path, *args: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "lifecycle", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env_for(evidence),
+        env=env_for(evidence, **env),
     )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str]:
+    """The exit code and stderr of a started process (killed if it outlives ``timeout``)."""
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc.returncode, stderr
+
+
+def note(evidence: Path, text: str) -> None:
+    with evidence.open("a") as fh:
+        fh.write(text + "\n")
 
 
 def wait_for(evidence: Path, text: str, timeout: float = 20) -> None:
@@ -288,7 +304,8 @@ def test_worker_target_consumes_until_sigterm(evidence: Path, backend: str) -> N
     while lines(evidence).count("session down") < 3 and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 130
+    code, stderr = finish(proc)
+    assert code == 0, stderr  # a graceful stop is the normal end of a worker's life
     seen = lines(evidence)
     assert seen.count("session down") == 3
     assert seen[0] == "pool up" and seen[-1] == "pool down"
@@ -329,3 +346,184 @@ def test_worker_whose_worker_scope_fails_at_startup_exits_1(evidence: Path, tmp_
     failure = [json.loads(line) for line in result.stderr.splitlines() if "cli.worker_failed" in line]
     assert "worker could not start" in failure[0]["error"]
     assert "broken_worker:database" in failure[0]["error"] and "db is down" in failure[0]["error"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_worker_stopped_gracefully_by_a_signal_exits_0_after_its_in_flight_job(
+    evidence: Path, backend: str, signum: int
+) -> None:
+    proc = start(evidence, "--backend", backend, "run", f"{JOBS}:busy_worker")
+    wait_for(evidence, "working 7")  # the job is in flight (it sleeps 2 s)
+    proc.send_signal(signum)
+    code, stderr = finish(proc)
+    assert code == 0, stderr
+    seen = lines(evidence)
+    assert seen[-2:] == ["session down", "pool down"]  # the job ended, then the worker scope
+    assert not any(line.startswith("session saw") for line in seen)  # finished, not cancelled
+    events = [json.loads(line)["event"] for line in stderr.splitlines()]
+    assert "cli.interrupted" in events and "worker.stopped" in events
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_signal_forces_a_draining_worker_out_with_130(evidence: Path, backend: str) -> None:
+    proc = start(evidence, "--backend", backend, "run", f"{JOBS}:stuck_worker")
+    wait_for(evidence, "hang running")
+    proc.send_signal(signal.SIGTERM)
+    wait_for(evidence, "stuck teardown started")  # shutdown_grace=0: cancelled, tearing down
+    proc.send_signal(signal.SIGTERM)
+    code, stderr = finish(proc, timeout=10)
+    assert code == 130
+    assert "stuck teardown finished" not in lines(evidence)
+    events = [json.loads(line)["event"] for line in stderr.splitlines()]
+    assert events.count("cli.interrupted") == 1 and events[-1] == "cli.forced_exit"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_while_importing_a_worker_exits_0_without_starting_it(
+    evidence: Path, backend: str, signum: int
+) -> None:
+    proc = start(evidence, "--backend", backend, "run", f"{JOBS}:worker", SLOW_IMPORT="1")
+    wait_for(evidence, "import waiting")
+    proc.send_signal(signum)
+    note(evidence, "signal sent")
+    code, stderr = finish(proc)
+    assert code == 0, stderr
+    assert lines(evidence) == ["import waiting", "signal sent", "import done"]  # nothing started
+    events = [json.loads(line)["event"] for line in stderr.splitlines()]
+    assert events == ["cli.interrupted"]
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["job", "batch"])
+def test_signal_while_importing_a_job_exits_130_without_running_it(evidence: Path, backend: str, mode: str) -> None:
+    args = ["--n", "1"] if mode == "job" else ["--jsonl", "-"]
+    proc = start(evidence, "--backend", backend, "run", f"{JOBS}:work", *args, SLOW_IMPORT="1")
+    wait_for(evidence, "import waiting")
+    proc.send_signal(signal.SIGTERM)
+    note(evidence, "signal sent")
+    stdout, stderr = proc.communicate('{"n": 2}\n' if mode == "batch" else None, timeout=30)
+    assert proc.returncode == 130, stderr
+    assert stdout == ""
+    assert lines(evidence) == ["import waiting", "signal sent", "import done"]  # no job, no pool
+    assert "cli.interrupted" in stderr and "Traceback" not in stderr
+
+
+def test_second_signal_while_importing_forces_the_exit(evidence: Path) -> None:
+    proc = start(evidence, "run", f"{JOBS}:worker", SLOW_IMPORT="1")
+    wait_for(evidence, "import waiting")
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)  # another kind: two pending SIGTERMs would be merged into one
+    code, stderr = finish(proc, timeout=10)  # never notes "signal sent": only the exit ends it
+    assert code == 130
+    assert "import done" not in lines(evidence)
+    assert [json.loads(line)["event"] for line in stderr.splitlines()] == ["cli.forced_exit"]
+
+
+@pytest.mark.parametrize("command", [["check"], ["list"], ["graph"]])
+def test_signal_while_a_reading_command_imports_interrupts_it_at_once(evidence: Path, command: list[str]) -> None:
+    target = str(JOBS) if command != ["graph"] else f"{JOBS}:work"
+    proc = start(evidence, *command, target, SLOW_IMPORT="1")
+    wait_for(evidence, "import waiting")
+    proc.send_signal(signal.SIGINT)
+    code, stderr = finish(proc, timeout=10)  # never notes "signal sent": the import is interrupted
+    assert code == 130, stderr
+    assert "import done" not in lines(evidence)
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_worker_crash_exits_1_and_logs_the_cause_not_the_group(evidence: Path, backend: str) -> None:
+    result = cli(evidence, "--backend", backend, "run", f"{JOBS}:crashing_worker")
+    assert result.returncode == 1
+    assert lines(evidence) == ["crashing"]
+    [failure] = [json.loads(line) for line in result.stderr.splitlines() if "cli.worker_failed" in line]
+    assert failure["error"] == "RuntimeError: broker exploded: connection to redis://:***@127.0.0.1:1/0 reset"
+    assert failure["exception"]  # the traceback is there too ...
+    assert "s3cret-pw" not in result.stderr  # ... and the password is nowhere
+    assert '"locals"' not in result.stderr  # frame locals never reach a log line
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_job_failing_with_a_group_logs_every_leaf_cause(evidence: Path, log_format: str) -> None:
+    result = cli(evidence, "--log-format", log_format, "run", f"{JOBS}:fail_in_parts")
+    assert result.returncode == 1
+    [failed] = [line for line in result.stderr.splitlines() if "cli.job_failed" in line]
+    assert "ValueError: left part; KeyError: 'right part'" in failed
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_passwords_in_urls_never_reach_a_log_line(evidence: Path, log_format: str) -> None:
+    result = cli(evidence, "--log-format", log_format, "run", f"{JOBS}:leak_secret")
+    assert result.returncode == 1
+    assert "s3cret-pw" not in result.stderr
+    assert "postgresql://app:***@db.internal:5432/app" in result.stderr
+    assert "job.failed" in result.stderr and "cli.job_failed" in result.stderr
+
+
+def test_list_shows_a_redis_workers_url_without_its_password(evidence: Path, tmp_path: Path) -> None:
+    pytest.importorskip("redis")
+    app = tmp_path / "redis_app.py"
+    app.write_text(
+        "from lifecycle import Worker, job\n"
+        "from lifecycle.queues import RedisStreamQueue\n"
+        "@job\nasync def ping() -> None: ...\n"
+        "worker = Worker(RedisStreamQueue('redis://app:s3cret-pw@127.0.0.1:6379/0', stream='s'), [ping])\n"
+    )
+    listed = cli(evidence, "list", str(app))
+    assert listed.returncode == 0, listed.stderr
+    assert "worker  (Worker over RedisStreamQueue at redis://app:***@127.0.0.1:6379/0; concurrency=16)" in listed.stdout
+    assert "s3cret-pw" not in listed.stdout + listed.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", f"{JOBS}:worker"], 0),  # the worker is not started
+        (["run", f"{JOBS}:work", "--n", "1"], 130),  # nor is the job
+        (["list", str(JOBS)], 130),  # a reading command is interrupted
+        (["--version"], 130),  # nothing acted on the signal: it still interrupts
+    ],
+)
+def test_signal_during_argument_parsing(evidence: Path, args: list[str], expected: int) -> None:
+    """The signal arrives after main() took over the signals but before click parsed the
+    arguments (the earliest a signal can be handled at all)."""
+    script = (
+        "import os, signal, sys\n"
+        "from lifecycle import _cli\n"
+        "parse = _cli.cli.main\n"
+        "def signalled_first(**kw):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return parse(**kw)\n"
+        "_cli.cli.main = signalled_first\n"
+        f"sys.exit(_cli.main({args!r}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env_for(evidence), timeout=60
+    )
+    assert result.returncode == expected, result.stderr
+    assert lines(evidence) == []  # no pool, no session, no job
+    assert "Traceback" not in result.stderr
+
+
+def test_usage_errors_do_not_show_a_password_either(evidence: Path, tmp_path: Path) -> None:
+    app = tmp_path / "connects_at_import.py"
+    app.write_text("raise RuntimeError('cannot connect to redis://app:s3cret-pw@cache:6379/0')\n")
+    for command in (["run", str(app)], ["check", str(app)], ["list", str(app)]):
+        result = cli(evidence, *command)
+        assert result.returncode == 2
+        assert "importing" in result.stderr and "redis://app:***@cache:6379/0" in result.stderr
+        assert "s3cret-pw" not in result.stderr
+
+
+def test_describe_flattens_nested_groups_and_redact_masks_only_passwords() -> None:
+    from lifecycle._cli._logs import describe, redact
+
+    group = ExceptionGroup("outer", [ValueError("a"), ExceptionGroup("inner", [KeyError("k"), TimeoutError()])])
+    assert describe(group) == "ValueError: a; KeyError: 'k'; TimeoutError"
+    assert describe(RuntimeError("plain")) == "RuntimeError: plain"
+    text = "redis://127.0.0.1:6379/0, amqp://guest:guest@h:5672//, redis://:pw@h/1, https://u@h/x?a=b:c@d"
+    assert redact(text) == "redis://127.0.0.1:6379/0, amqp://guest:***@h:5672//, redis://:***@h/1, https://u@h/x?a=b:c@d"

@@ -6,6 +6,7 @@ which click supports directly, and its usage errors already exit with code 2."""
 from __future__ import annotations
 
 import inspect
+import io
 import re
 import sys
 from collections.abc import Callable
@@ -18,10 +19,11 @@ from .. import __version__
 from .._errors import DependencyError
 from .._job import Job, collected_errors
 from .._worker import Worker
-from ._execute import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, run_batch, run_job, run_worker
+from ._execute import EXIT_FAILED, EXIT_OK, run_batch, run_job, run_worker
 from ._graph import build_tree, render_dot, render_mermaid, render_tree, summary
-from ._logs import LEVELS, configure
+from ._logs import LEVELS, configure, redact
 from ._options import job_options, to_payload
+from ._signals import EXIT_INTERRUPTED, SIGNALS
 from ._target import GraphError, Target, load
 
 BACKENDS = ["asyncio", "trio"]
@@ -136,6 +138,7 @@ def _summary(fn: Any) -> str | None:
 @click.pass_context
 def list_command(ctx: click.Context, /, target: str, **given: Any) -> None:
     """List the jobs and workers in TARGET with their arguments and dependencies."""
+    SIGNALS.interrupt_now()
     _settings(ctx, **given)
     loaded = load(target)
     selected: dict[str, Any] = (
@@ -147,8 +150,15 @@ def list_command(ctx: click.Context, /, target: str, **given: Any) -> None:
         if isinstance(value, Job):
             click.echo(summary(f"{loaded.source}:{name}", value, value.plan))
         else:
-            click.echo(f"{name}  (Worker over {type(value.queue).__name__}; concurrency={value.concurrency})")
+            click.echo(f"{name}  (Worker over {_queue_label(value.queue)}; concurrency={value.concurrency})")
             click.echo(f"    jobs: {', '.join(sorted(value.jobs))}")
+
+
+def _queue_label(queue: Any) -> str:
+    """The queue's class and, if it has one, its URL without the password."""
+    label = type(queue).__name__
+    url = getattr(queue, "url", None)
+    return f"{label} at {redact(url)}" if isinstance(url, str) else label
 
 
 @cli.command()
@@ -158,6 +168,7 @@ def list_command(ctx: click.Context, /, target: str, **given: Any) -> None:
 @click.pass_context
 def graph(ctx: click.Context, /, target: str, fmt: str, **given: Any) -> None:
     """Show a job's dependency graph as a tree, Mermaid or Graphviz DOT."""
+    SIGNALS.interrupt_now()
     _settings(ctx, **given)
     chosen = load(target).resolve()
     if not isinstance(chosen, Job):
@@ -172,6 +183,7 @@ def graph(ctx: click.Context, /, target: str, fmt: str, **given: Any) -> None:
 @click.pass_context
 def check(ctx: click.Context, /, target: str, **given: Any) -> None:
     """Build every job's graph in TARGET and report every problem (exit 1 if any)."""
+    SIGNALS.interrupt_now()
     _settings(ctx, **given)
     errors: list[tuple[Job[..., Any], DependencyError]] = []
     token = collected_errors.set(errors)
@@ -189,7 +201,7 @@ def check(ctx: click.Context, /, target: str, **given: Any) -> None:
                 if job.error is None:
                     problems.append(f"{name} (worker) / {job.name}: {exc}")
     for problem in problems:
-        click.echo(f"error: {problem}", err=True)
+        click.echo(f"error: {redact(problem)}", err=True)
     checked = len(jobs) + sum(len(w.jobs) for w in loaded.workers.values())
     if problems:
         click.echo(f"{len(problems)} problem(s) in {target}", err=True)
@@ -198,18 +210,35 @@ def check(ctx: click.Context, /, target: str, **given: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line and return its exit code (``lifecycle`` and ``python -m
+    lifecycle`` both call this).
+
+    It takes over SIGINT and SIGTERM first, before click parses anything or the target
+    is imported, so that no signal meets Python's defaults (``_signals``).
+
+    Args:
+        argv: the arguments; ``None`` reads ``sys.argv``.
+    """
+    SIGNALS.install()
+    configure(None, "info")  # so that an early cli.forced_exit goes to stderr, never stdout
     try:
         result = cli.main(args=argv, prog_name="lifecycle", standalone_mode=False)
-    except click.exceptions.Abort:  # Ctrl-C before the signal handlers were installed
+    except click.exceptions.Abort:  # click's own prompts turn Ctrl-C into Abort
         return EXIT_INTERRUPTED
     except click.ClickException as exc:
-        exc.show()
+        shown = io.StringIO()
+        exc.show(file=shown)
+        sys.stderr.write(redact(shown.getvalue()))  # an import error may quote a URL
         return exc.exit_code
     except click.exceptions.Exit as exc:
-        return exc.exit_code
+        code = exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    return result if isinstance(result, int) else EXIT_OK
+    else:
+        code = result if isinstance(result, int) else EXIT_OK
+    if SIGNALS.received and not SIGNALS.acted and code == EXIT_OK:
+        return EXIT_INTERRUPTED  # a signal nothing acted on (during --help, say) still interrupts
+    return code
 
 
 __all__ = ["GraphError", "cli", "main"]

@@ -1,55 +1,27 @@
 """Running what the CLI was pointed at: one job, a JSONL batch, or a Worker, each with
-SIGINT/SIGTERM handling: the first signal cancels gracefully (every teardown runs),
-a second one forces the exit."""
+SIGINT/SIGTERM handling (``_signals``): the first signal cancels a job or batch (every
+teardown runs; exit 130) or stops a worker gracefully (exit 0, the normal end of a
+worker's life); a second one forces the exit with 130. A signal that came while the
+target was being imported acts as soon as the event loop runs: no job is started then."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 import anyio
-import structlog
-from anyio.abc import TaskStatus
 
 from .._job import Job
 from .._runtime import Runtime
 from .._worker import StartupError, Worker
+from ._logs import describe, redact
+from ._signals import EXIT_INTERRUPTED, SIGNALS, log
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-def log() -> Any:
-    return structlog.get_logger("lifecycle.cli")
-
-
-@dataclass
-class Signals:
-    received: list[str] = field(default_factory=list)
-
-    async def watch(
-        self, on_first: Callable[[], None], *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Started with ``tg.start`` so the handlers are in place before any job runs: a
-        signal that beat them would go to asyncio's own SIGINT handler, and the second
-        one would then count as the first."""
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as stream:
-            task_status.started()
-            async for signum in stream:
-                name = signal.Signals(signum).name
-                self.received.append(name)
-                if len(self.received) == 1:
-                    log().warning("cli.interrupted", signal=name, hint="shutting down; send it again to force")
-                    on_first()
-                else:
-                    log().error("cli.forced_exit", signal=name)
-                    sys.stderr.flush()
-                    os._exit(EXIT_INTERRUPTED)
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def print_result(result: Any) -> None:
@@ -65,19 +37,28 @@ def print_result(result: Any) -> None:
 
 
 async def run_job(job: Job[..., Any], payload: dict[str, Any]) -> int:
-    signals = Signals()
+    """Run one job and print its result: 0 done, 1 failed, 130 interrupted.
+
+    Args:
+        job: the job.
+        payload: its arguments, already converted from the command line.
+    """
+    signals = SIGNALS
     code = EXIT_INTERRUPTED
     async with Runtime() as rt, anyio.create_task_group() as tg:
         with anyio.CancelScope() as scope:
             await tg.start(signals.watch, scope.cancel)
-            try:
-                result = await rt.run(job, **payload)
-            except Exception as exc:
-                log().error("cli.job_failed", job=job.name, exc_info=exc)
-                code = EXIT_FAILED
-            else:
-                print_result(result)
-                code = EXIT_OK
+            # Checked, not left to the cancelled scope: a dependency's code before its
+            # first await would run even in a cancelled scope.
+            if not signals.received:
+                try:
+                    result = await rt.run(job, **payload)
+                except Exception as exc:
+                    log().error("cli.job_failed", job=job.name, error=describe(exc), exc_info=exc)
+                    code = EXIT_FAILED
+                else:
+                    print_result(result)
+                    code = EXIT_OK
         tg.cancel_scope.cancel()
     return EXIT_INTERRUPTED if signals.received else code
 
@@ -85,7 +66,17 @@ async def run_job(job: Job[..., Any], payload: dict[str, Any]) -> int:
 async def run_batch(
     job: Job[..., Any], source: str, concurrency: int, log_format: str, base: dict[str, Any] | None = None
 ) -> int:
-    signals = Signals()
+    """Run one job per JSON line of ``source`` and print a summary: 0 all done, 1 some
+    failed, 130 interrupted.
+
+    Args:
+        job: the job.
+        source: a file path, or ``-`` for stdin.
+        concurrency: how many lines run at once (>= 1).
+        log_format: ``console`` or ``json``: the summary's format.
+        base: arguments from the command line, defaults for every line.
+    """
+    signals = SIGNALS
     done = 0
     failures: list[tuple[int, str]] = []
     progress = Progress(enabled=sys.stderr.isatty() and log_format == "console")
@@ -103,18 +94,23 @@ async def run_batch(
                         raise ValueError(f"expected a JSON object, got {type(payload).__name__}")
                     await rt.run(job, **{**(base or {}), **payload})
                 except Exception as exc:
-                    failures.append((number, f"{type(exc).__name__}: {exc}"))
+                    failures.append((number, redact(describe(exc))))
                 else:
                     done += 1
                 finally:
                     slots.release()
                     progress.show(done, len(failures))
 
-            async with anyio.create_task_group() as jobs:
-                async for number, line in _lines(source):
+            # The signal checks, not only the cancelled scope, keep a line from starting:
+            # a dependency's code before its first await would run even in a cancelled scope.
+            async with anyio.create_task_group() as jobs, aclosing(_lines(source)) as numbered:
+                async for number, line in numbered:
                     if not line.strip():
                         continue
                     await slots.acquire()  # read no further ahead than there are free slots
+                    if signals.received:
+                        slots.release()
+                        break
                     jobs.start_soon(one, number, line)
         watcher.cancel_scope.cancel()
     progress.clear()
@@ -133,7 +129,7 @@ async def run_batch(
     return EXIT_FAILED if failures else EXIT_OK
 
 
-async def _lines(source: str) -> Any:
+async def _lines(source: str) -> AsyncGenerator[tuple[int, str], None]:
     """Numbered lines, read in a worker thread so a slow pipe never blocks the loop."""
     if source == "-":
         stream: Any = anyio.wrap_file(sys.stdin)
@@ -170,18 +166,25 @@ class Progress:
 
 
 async def run_worker(worker: Worker) -> int:
-    signals = Signals()
+    """Run a worker until SIGINT/SIGTERM: 0 after a graceful stop (also when the signal
+    came before it started: it is then not started), 1 if it failed; a second signal
+    exits with 130 from ``Signals.watch``.
+
+    Args:
+        worker: the worker.
+    """
+    signals = SIGNALS
+    code = EXIT_OK
     async with anyio.create_task_group() as tg:
         await tg.start(signals.watch, worker.stop)
         try:
-            await worker.run()
+            if not signals.received:
+                await worker.run()
         except StartupError as exc:
             log().error("cli.worker_failed", error=str(exc))
-            tg.cancel_scope.cancel()
-            return EXIT_FAILED
+            code = EXIT_FAILED
         except Exception as exc:
-            log().error("cli.worker_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
-            tg.cancel_scope.cancel()
-            return EXIT_FAILED
+            log().error("cli.worker_failed", error=describe(exc), exc_info=exc)
+            code = EXIT_FAILED
         tg.cancel_scope.cancel()
-    return EXIT_INTERRUPTED if signals.received else EXIT_OK
+    return code

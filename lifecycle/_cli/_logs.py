@@ -1,9 +1,15 @@
 """The CLI is an application, so it (unlike the library) configures structlog: JSON
-lines on stderr when it is not a terminal, a console renderer when it is."""
+lines on stderr when it is not a terminal, a console renderer when it is.
+
+Every rendered line passes through ``redact`` last, so a password in a URL (a queue's
+``redis://user:password@host``, say) never reaches the log whichever field, message or
+traceback carries it. Tracebacks never include frame locals: they would print payloads
+and connection settings verbatim."""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
@@ -11,8 +17,46 @@ import structlog
 
 LEVELS = ["debug", "info", "warning", "error", "critical"]
 
+# scheme://user:password@host -> scheme://user:***@host. The password stops at '@', '/'
+# or whitespace: a URL whose password holds a raw '/' does not parse as one anyway.
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s\"']*:)[^@/\s]+(?=@)")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``.
+
+    Args:
+        text: any text: a log line, an error message, a queue's URL.
+    """
+    return _URL_PASSWORD.sub(r"\g<head>***", text)
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming an exception as ``Type: message``; for an exception group, its
+    leaf exceptions joined with ``; ``, so that a crash inside a task group reads as
+    its cause instead of ``unhandled errors in a TaskGroup (1 sub-exception)``.
+
+    Args:
+        exc: the exception (or group) to describe.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(describe(leaf) for leaf in exc.exceptions)
+    message = str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _redact_line(_logger: Any, _name: str, line: Any) -> Any:
+    return redact(line) if isinstance(line, str) else line
+
 
 def configure(log_format: str | None, level: str) -> str:
+    """Configure structlog for the CLI and return the format chosen.
+
+    Args:
+        log_format: ``"console"``, ``"json"``, or ``None`` for console on a terminal and
+            JSON lines otherwise.
+        level: the lowest level written, one of ``LEVELS`` (any case).
+    """
     stream = sys.stderr
     chosen = log_format or ("console" if stream.isatty() else "json")
     processors: list[Any] = [
@@ -21,11 +65,15 @@ def configure(log_format: str | None, level: str) -> str:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if chosen == "json":
-        processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        tracebacks = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
+        processors += [tracebacks, structlog.processors.JSONRenderer()]
     else:
         processors += [
             structlog.dev.ConsoleRenderer(colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback)
         ]
+    processors.append(_redact_line)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
