@@ -9,6 +9,10 @@ then, from a Python shell in the same directory:
     'welcome mail sent to user 1 via pool-...'
 
 Broker: RabbitMQ at 127.0.0.1:5672 (guest/guest); results: Redis at 127.0.0.1:6379/2.
+
+Delivery is at-least-once: CeleryLifecycle acknowledges tasks late and requeues a task
+whose worker process was killed, so a crash never loses a task, but a task may then run
+twice. Keep tasks idempotent (here: sending the same welcome mail twice is tolerable).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ async def connection(p: Annotated[str, Depends(pool)], ctx: JobContext) -> Async
         raise
 
 
-@lc.task(name="send_welcome", acks_late=True, retries=3)
+@lc.task(name="send_welcome", retries=3)  # acks_late, reject_on_worker_lost: lifecycle's defaults
 async def send_welcome(user_id: int, conn: Annotated[str, Depends(connection)], ctx: JobContext) -> str:
     if user_id < 0:
         raise Retry(delay=1.0)  # becomes Celery's retry(countdown=1.0)

@@ -6,84 +6,385 @@ behind an anyio blocking portal, with one Runtime hosted in it. It is created on
 first task the process runs (so never before a prefork fork) and closed when the
 process shuts down (``worker_process_shutdown`` for prefork children,
 ``worker_shutdown`` for the solo and threads pools), tearing down worker scope in
-reverse order. Task threads submit jobs to that loop and wait for them; a Celery soft
-time limit raised while waiting cancels the job, whose teardown still runs."""
+reverse order. Task threads submit jobs to that loop and wait for them.
+
+Why it is shaped this way:
+
+- Celery raises its soft time limit (and a revoke's termination) *in the task thread*
+  at any bytecode, so everything a task thread does can be interrupted: before its job
+  reached the loop, while the loop was still starting, or while it waits. Each job is
+  therefore a ``_Call`` that the task thread can cancel at any of those moments; a job
+  cancelled before it started never starts, one cancelled later is cancelled on the
+  loop, and the task thread waits for its teardown before re-raising.
+- Closing (from a shutdown signal, from another thread, twice, or while the loop is
+  still starting) cancels the jobs still in flight and waits for their teardown before
+  worker scope is torn down, so no job ever sees a torn-down worker-scoped value. A
+  job cancelled that way, or one submitted after closing began, never reports success:
+  Celery gets ``Reject(requeue=True)`` and the message goes back to the broker.
+- Delivery is at-least-once by default: tasks are acknowledged late and a message whose
+  prefork child was killed is requeued (see ``CeleryLifecycle``)."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import enum
 import inspect
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
-import structlog
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from celery import Celery, signals
 from celery.exceptions import Reject as CeleryReject
-from celery.exceptions import SoftTimeLimitExceeded
 
-from ._errors import Reject, Retry
+from ._errors import LifecycleError, Reject, Retry
 from ._job import Job
+from ._log import LOG
 from ._markers import Depends
 from ._runtime import Runtime
 
-log = structlog.get_logger("lifecycle.celery")
+T = TypeVar("T")
+
+# Seconds to wait for a job whose submission to the loop was interrupted half-way (it
+# may never have reached the loop, so nothing would ever say it is done).
+_UNSURE_SUBMIT_WAIT = 5.0
+
+# The task options that make a task survive a killed prefork child, with the app
+# setting each falls back to. Both must be true: Celery requeues on a lost worker only
+# for tasks acknowledged late (celery.worker.request.Request.on_failure).
+_DELIVERY_OPTIONS = (("acks_late", "task_acks_late"), ("reject_on_worker_lost", "task_reject_on_worker_lost"))
+
+
+class _ProcessClosed(LifecycleError):
+    """The process's runtime is closing or closed: the job did not run, or was cancelled
+    by the shutdown; its teardown has run. Mapped to Celery's ``Reject(requeue=True)``."""
+
+
+class _State(enum.IntEnum):
+    NEW = 0
+    STARTING = 1
+    RUNNING = 2
+    CLOSING = 3
+    CLOSED = 4
+
+
+class _Call:
+    """One job submitted to the loop, cancellable from the task thread at any moment.
+
+    ``lock`` orders the task thread's cancel against the loop's start: whichever comes
+    first wins, so a job cancelled before it started never starts, and one that started
+    has published its scope for the task thread to cancel on the loop."""
+
+    __slots__ = ("cancelled", "done", "lock", "scope")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cancelled = False
+        self.scope: anyio.CancelScope | None = None
+        self.done = threading.Event()  # the job, teardown included, is over (or never ran)
 
 
 class _ProcessRuntime:
-    """The event loop thread and the Runtime of one worker process."""
+    """The event loop thread and the Runtime of one worker process.
+
+    Every method may be called from any thread except the loop thread. ``start`` is
+    idempotent; ``close`` is idempotent, waits for a close already under way in another
+    thread, and, when called while ``start`` runs in the same thread (a signal handler),
+    makes ``start`` close the runtime before it returns.
+
+    Args:
+        make_runtime: builds the Runtime hosted on the loop (called once, on the loop).
+        backend: the anyio backend of the loop, ``"asyncio"`` or ``"trio"``.
+    """
 
     def __init__(self, make_runtime: Callable[[], Runtime], backend: str) -> None:
         self.make_runtime = make_runtime
         self.backend = backend
         self.pid = os.getpid()
         self.runtime: Runtime | None = None
-        self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
         self.portal: BlockingPortal | None = None
-        self._stop: anyio.Event | None = None
+        self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
         self._host: concurrent.futures.Future[None] | None = None
+        # Loop-thread state: the stop signal, the jobs in flight, and whether new ones
+        # are still accepted. Only the loop thread reads or writes these.
+        self._stop: anyio.Event | None = None
+        self._drained: anyio.Event | None = None
+        self._inflight: set[_Call] = set()
+        self._accepting = False
+        self._stop_requested = False
+        self._loop_thread: int | None = None
+        # Thread-side state, under _lock (held for the whole of start, so a close from
+        # another thread waits for the loop to be up before stopping it).
+        self._lock = threading.Lock()
+        self._state = _State.NEW
+        self._starter: int | None = None
+        self._closer: int | None = None
+        self._close_requested = False
+        self._closed = threading.Event()
 
+    @property
+    def running(self) -> bool:
+        """True from a completed ``start`` until ``close`` begins."""
+        return self._state is _State.RUNNING
+
+    # -- start ----------------------------------------------------------------------------
     def start(self) -> None:
-        self._portal_cm = start_blocking_portal(self.backend)
-        self.portal = self._portal_cm.__enter__()
-        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._host = self.portal.start_task_soon(self._serve, ready)
-        ready.result()
+        """Start the loop thread and open the Runtime in it (no-op when running).
+
+        Raises ``_ProcessClosed`` once closing has begun. If anything interrupts the
+        start (a soft time limit in the task thread included), what was started is
+        stopped again and the next call starts afresh."""
+        if self.running:
+            return
+        with self._lock:
+            if self._state is _State.RUNNING:
+                return
+            if self._state is not _State.NEW or self._close_requested:
+                raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed")
+            self._state = _State.STARTING
+            self._starter = threading.get_ident()
+            try:
+                self._open_loop()
+            except BaseException:
+                self._stop_loop(log_errors=False)  # the caller gets the error itself
+                self._state = _State.NEW
+                raise
+            finally:
+                self._starter = None
+            self._state = _State.RUNNING
+        if self._close_requested:  # a close() ran in this thread while we started
+            self.close()
+            raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} closed while starting")
+
+    def _open_loop(self) -> None:
+        # Started by a helper thread: Python runs signal handlers (Celery's soft time
+        # limit) only in the main thread, so the helper cannot be interrupted half-way,
+        # which anyio's start_blocking_portal does not survive (its cleanup joins a loop
+        # thread that never stops). If *this* thread is interrupted while it waits, it
+        # waits for the helper to finish and the caller stops what it started.
+        outcome: concurrent.futures.Future[None] = concurrent.futures.Future()
+        # A previous start that was interrupted left its (joined) loop's state behind.
+        self.runtime, self._stop, self._drained, self._stop_requested = None, None, None, False
+
+        def open_in_helper() -> None:
+            try:
+                self._portal_cm = start_blocking_portal(self.backend, name=f"lifecycle-loop-{self.pid}")
+                self.portal = self._portal_cm.__enter__()
+                ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+                self._host = self.portal.start_task_soon(self._serve, ready)
+                # _serve fails before setting ready if the Runtime cannot open.
+                concurrent.futures.wait([ready, self._host], return_when=concurrent.futures.FIRST_COMPLETED)
+                if ready.done():
+                    ready.result()
+                else:
+                    self._host.result()
+                    raise RuntimeError("the lifecycle runtime's host task ended before the runtime opened")
+            except BaseException as exc:
+                outcome.set_exception(exc)
+            else:
+                outcome.set_result(None)
+
+        helper = threading.Thread(target=open_in_helper, name=f"lifecycle-start-{self.pid}", daemon=True)
+        helper.start()
+        try:
+            outcome.result()
+        except BaseException:
+            helper.join()
+            raise
 
     async def _serve(self, ready: concurrent.futures.Future[None]) -> None:
+        self._loop_thread = threading.get_ident()
         self._stop = anyio.Event()
+        self._drained = anyio.Event()
+        if self._stop_requested:  # _stop_loop ran before this task's first step
+            self._stop.set()
         try:
             async with self.make_runtime() as runtime:
                 self.runtime = runtime
+                self._accepting = True
                 ready.set_result(None)
                 await self._stop.wait()
+                # Jobs still in flight are orphans now (Celery no longer waits for
+                # them): cancel them and let their teardown finish while worker scope,
+                # which they may still use, is alive.
+                self._accepting = False
+                for call in list(self._inflight):
+                    assert call.scope is not None
+                    call.scope.cancel()
+                if self._inflight:
+                    await self._drained.wait()
         except BaseException as exc:
             if not ready.done():
                 ready.set_exception(exc)
             raise
-
-    def close(self) -> None:
-        """Tear down worker scope (reverse creation order) and stop the loop thread."""
-        if self.portal is None or self._stop is None:
-            return
-        portal, self.portal = self.portal, None
-        try:
-            portal.call(self._stop.set)
-            assert self._host is not None
-            self._host.result()
-        except Exception as exc:
-            log.error("celery.worker_scope_teardown_failed", error=f"{type(exc).__name__}: {exc}", pid=self.pid)
         finally:
-            assert self._portal_cm is not None
-            self._portal_cm.__exit__(None, None, None)
+            self._accepting = False
+
+    def _request_stop(self) -> None:  # on the loop thread
+        self._stop_requested = True
+        if self._stop is not None:
+            self._stop.set()
+
+    # -- jobs -----------------------------------------------------------------------------
+    def run(self, work: Callable[[Runtime], Awaitable[T]]) -> T:
+        """Run ``work(runtime)`` on the loop and wait for it.
+
+        If the wait is interrupted (Celery's soft time limit raises
+        ``SoftTimeLimitExceeded`` in this thread, at any moment), the job is cancelled
+        (one that had not started never starts) and its teardown finishes before the
+        exception propagates.
+
+        Args:
+            work: the job, called on the loop with the process's Runtime.
+
+        Raises:
+            _ProcessClosed: the runtime is not running (the job never started), or
+                closing cancelled the job (after its teardown ran).
+        """
+        call = _Call()
+        submitted = False
+        future: concurrent.futures.Future[T] | None = None
+        try:
+            portal = self.portal
+            if portal is None or self._state is not _State.RUNNING:
+                raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is not running")
+            submitted = True
+            try:
+                future = portal.start_task_soon(self._host_call, work, call)
+            except RuntimeError as exc:  # the portal stopped between the check and here
+                raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed") from exc
+            return future.result()
+        except BaseException:
+            if submitted and not call.done.is_set():
+                self._cancel(call)
+                # A submission interrupted half-way may never reach the loop: bound the
+                # wait then. Otherwise the wait is bounded by the job's teardown.
+                self._wait_done(call, None if future is not None else _UNSURE_SUBMIT_WAIT)
+            raise
+
+    async def _host_call(self, work: Callable[[Runtime], Awaitable[T]], call: _Call) -> T:
+        try:
+            with call.lock:
+                if call.cancelled:  # the task thread gave up before the job started
+                    raise _ProcessClosed(f"job abandoned before it started in worker process {self.pid}")
+                scope = call.scope = anyio.CancelScope()
+            if not self._accepting:
+                raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closing")
+            assert self.runtime is not None
+            self._inflight.add(call)
+            try:
+                with scope:
+                    return await work(self.runtime)
+            finally:
+                self._inflight.discard(call)
+                if not self._accepting and not self._inflight and self._drained is not None:
+                    self._drained.set()
+            # Reached only when the scope swallowed our own cancellation: the task
+            # thread cancelled the job (and no longer waits for this) or close() did.
+            raise _ProcessClosed(f"the job was cancelled in worker process {self.pid} (soft time limit or shutdown)")
+        finally:
+            call.done.set()
+
+    def _cancel(self, call: _Call) -> None:
+        with call.lock:
+            call.cancelled = True
+            scope = call.scope
+        portal = self.portal
+        if scope is None or portal is None:
+            return  # not started: it sees `cancelled` when it starts; or close() cancels it
+        # Scopes belong to the loop thread (trio checks). A RuntimeError means the portal
+        # stopped, and close() cancelled the job already.
+        with contextlib.suppress(RuntimeError):
+            portal.call(scope.cancel)
+
+    def _wait_done(self, call: _Call, limit: float | None) -> None:
+        # The job's teardown is bounded by teardown_timeout per dependency, and Celery's
+        # hard time limit ends the process. Poll so that a close() that finished
+        # meanwhile also ends the wait.
+        deadline = None if limit is None else time.monotonic() + limit
+        while not call.done.wait(0.1):
+            if self._state is _State.CLOSED or (deadline is not None and time.monotonic() > deadline):
+                return
+
+    # -- close ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Cancel the jobs in flight and wait for their teardown, tear down worker scope
+        (reverse creation order) and stop the loop thread. Safe to call at any moment,
+        more than once, and from any thread but the loop's."""
+        me = threading.get_ident()
+        if me == self._loop_thread:
+            raise RuntimeError("close() was called on the lifecycle loop thread; it would wait for itself")
+        if self._starter == me:  # a signal handler interrupting start() in this thread
+            self._close_requested = True
+            return
+        if self._closer == me:  # a signal handler interrupting close() in this thread
+            return
+        with self._lock:
+            state = self._state
+            if state is _State.NEW:
+                self._state = _State.CLOSED
+                self._closed.set()
+                return
+            if state is _State.RUNNING:
+                self._state = _State.CLOSING
+                self._closer = me
+        if state is not _State.RUNNING:  # closing or closed by another thread
+            self._closed.wait()
+            return
+        try:
+            self._stop_loop()
+        finally:
+            self._state = _State.CLOSED
+            self._closed.set()
+
+    def _stop_loop(self, *, log_errors: bool = True) -> None:
+        portal, self.portal = self.portal, None
+        portal_cm, self._portal_cm = self._portal_cm, None
+        host, self._host = self._host, None
+        if portal is None or portal_cm is None:
+            return
+        try:
+            if host is not None:
+                portal.call(self._request_stop)
+                host.result()
+        except Exception as exc:
+            if log_errors:
+                LOG.error("celery.worker_scope_teardown_failed", error=f"{type(exc).__name__}: {exc}", pid=self.pid)
+        finally:
+            portal_cm.__exit__(None, None, None)
 
 
 class CeleryLifecycle:
-    """Registers lifecycle jobs as Celery tasks on ``app``."""
+    """Registers lifecycle jobs as Celery tasks on ``app``; each worker process hosts one
+    Runtime (see the module docstring).
+
+    Delivery is **at-least-once** by default: every task it registers is acknowledged
+    late (``acks_late=True``) and requeued when its prefork child is killed
+    (``reject_on_worker_lost=True``), so a SIGKILLed or OOM-killed child never loses a
+    task. The consequence: a task can run more than once (it was part-way through, or
+    even done but not yet acknowledged, when its process died), so make tasks
+    idempotent. A task that kills its process every time is redelivered every time (a
+    message loop, as Celery warns); bound it with a RabbitMQ quorum queue's
+    ``x-delivery-limit``, or with Celery's ``retry_on_worker_lost=True`` where your
+    Celery has it (then ``retries`` also bounds the redeliveries). A value given
+    explicitly, per task (``@lc.task(acks_late=False)``), by a custom ``base`` class, or
+    in the app's configuration (``task_acks_late``, ``task_reject_on_worker_lost``), is
+    respected, and a warning (``celery.redelivery_disabled``) names each task that can
+    then be lost.
+
+    Args:
+        app: the Celery app to register tasks on.
+        dependency_overrides: ``{original: replacement}`` for every task's Runtime.
+        teardown_timeout: seconds each teardown may take (per dependency; ``None``: no
+            bound); see the README's "Semantics", rule 6.
+        dependencies: run for every task, their values not injected.
+        backend: the anyio backend of each process's loop, ``"asyncio"`` or ``"trio"``.
+    """
 
     def __init__(
         self,
@@ -102,11 +403,41 @@ class CeleryLifecycle:
             "dependencies": tuple(dependencies),
         }
         self.jobs: dict[str, Job[..., Any]] = {}
+        self._explicit_delivery: dict[str, dict[str, Any]] = {}  # task name -> options given
+        self._warned: set[str] = set()
         self._process: _ProcessRuntime | None = None
         self._lock = threading.Lock()
         signals.worker_process_shutdown.connect(self._on_shutdown, weak=False)
         signals.worker_shutdown.connect(self._on_shutdown, weak=False)
+        app.on_after_finalize.connect(self._on_finalized, weak=False)
         os.register_at_fork(after_in_child=self._forget_parent_loop)
+
+    # -- delivery defaults -----------------------------------------------------------------
+    def _on_finalized(self, *args: Any, **kwargs: Any) -> None:
+        for name in self._explicit_delivery:
+            self._apply_delivery_defaults(name)
+
+    def _apply_delivery_defaults(self, name: str) -> None:
+        # Runs once the task is bound (its options merged with the app's configuration),
+        # which is when the configuration is known, whatever order the app was set up in.
+        task = self.app.tasks[name]
+        explicit = self._explicit_delivery[name]
+        for attr, setting in _DELIVERY_OPTIONS:
+            if attr not in explicit and not self.app.conf.value_set_for(setting):
+                setattr(type(task), attr, True)
+        if (not task.acks_late or not task.reject_on_worker_lost) and name not in self._warned:
+            self._warned.add(name)
+            LOG.warning(
+                "celery.redelivery_disabled",
+                task=name,
+                acks_late=bool(task.acks_late),
+                reject_on_worker_lost=bool(task.reject_on_worker_lost),
+                reason=(
+                    f"task {name!r} can be lost when its worker process is killed (SIGKILL, out of "
+                    "memory): it is not both acknowledged late and requeued on a lost worker; "
+                    "lifecycle's default is acks_late=True, reject_on_worker_lost=True"
+                ),
+            )
 
     # -- per-process runtime ---------------------------------------------------------------
     def _forget_parent_loop(self) -> None:
@@ -115,25 +446,33 @@ class CeleryLifecycle:
         self._lock = threading.Lock()
 
     def process_runtime(self) -> _ProcessRuntime:
+        """This process's runtime, started on first use (never before a fork).
+
+        Raises ``_ProcessClosed`` once this process's runtime was closed: a process is
+        never given a second worker scope that nothing would tear down."""
         process = self._process
-        if process is not None and process.pid == os.getpid():
-            return process
-        with self._lock:
-            if self._process is None or self._process.pid != os.getpid():
-                fresh = _ProcessRuntime(lambda: Runtime(**self._runtime_options), self.backend)
-                fresh.start()
-                self._process = fresh
-            return self._process
+        if process is None or process.pid != os.getpid():
+            with self._lock:
+                if self._process is None or self._process.pid != os.getpid():
+                    self._process = _ProcessRuntime(lambda: Runtime(**self._runtime_options), self.backend)
+                process = self._process
+        process.start()
+        return process
 
     def _on_shutdown(self, *args: Any, **kwargs: Any) -> None:
         process = self._process
         if process is not None and process.pid == os.getpid():
-            self._process = None
             process.close()
 
     def shutdown(self) -> None:
-        """Close this process's runtime now (for embedding and tests)."""
-        self._on_shutdown()
+        """Close this process's runtime now (for embedding and tests): cancel the jobs in
+        flight (their teardown runs), then tear down worker scope. Tasks this process
+        receives afterwards are rejected and requeued for another worker."""
+        with self._lock:
+            if self._process is None or self._process.pid != os.getpid():
+                self._process = _ProcessRuntime(lambda: Runtime(**self._runtime_options), self.backend)
+            process = self._process
+        process.close()
 
     # -- tasks -----------------------------------------------------------------------------
     def task(
@@ -144,9 +483,18 @@ class CeleryLifecycle:
         dependencies: Iterable[Depends] = (),
         **options: Any,
     ) -> Any:
-        """``@lc.task(name=..., acks_late=True)``: every Celery option passes through.
-        ``retries`` bounds ``raise Retry(...)`` (Celery's max_retries), ``timeout`` is the
-        job's own timeout; use Celery's soft_time_limit for a broker-side one."""
+        """``@lc.task(name=..., ...)``: register an async (or sync) function as a Celery
+        task that runs as one lifecycle job.
+
+        Args:
+            retries: how many times ``raise Retry(...)`` may retry the task (Celery's
+                ``max_retries``, default 3).
+            timeout: the job's own timeout in seconds (``None``: none); Celery's
+                ``soft_time_limit`` is the broker-side one.
+            dependencies: run for this task, their values not injected.
+            options: every Celery task option, passed through. ``acks_late`` and
+                ``reject_on_worker_lost`` default to True (see the class docstring).
+        """
 
         def decorate(fn: Callable[..., Any]) -> Any:
             name = options.get("name") or f"{fn.__module__}.{fn.__name__}"
@@ -171,8 +519,17 @@ class CeleryLifecycle:
             run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
                 [inspect.Parameter("task", inspect.Parameter.POSITIONAL_ONLY), *payload]
             )
+            base = options.get("base")
+            self._explicit_delivery[name] = {
+                attr: value
+                for attr, _ in _DELIVERY_OPTIONS
+                if (value := options.get(attr, getattr(base, attr, None))) is not None
+            }
             task_options = {"max_retries": retries, **options, "name": name, "bind": True}
-            return self.app.task(**task_options)(run)
+            registered = self.app.task(**task_options)(run)
+            if self.app.finalized:  # bound already: no on_after_finalize to wait for
+                self._apply_delivery_defaults(name)
+            return registered
 
         if args and callable(args[0]) and len(args) == 1:
             return decorate(args[0])
@@ -184,34 +541,17 @@ class CeleryLifecycle:
         payload, extras = job.bind_payload(args, kwargs)
         request = task.request
         attempt = int(request.retries or 0) + 1
-        process = self.process_runtime()
-        assert process.portal is not None
-        assert process.runtime is not None
-        runtime = process.runtime
-        finished = threading.Event()  # set when the job, teardown included, is over
 
-        async def attempt_job() -> Any:
-            try:
-                return await runtime.run_attempt(job, payload, extras, job_id=request.id, attempt=attempt)
-            finally:
-                finished.set()
+        async def attempt_job(runtime: Runtime) -> Any:
+            return await runtime.run_attempt(job, payload, extras, job_id=request.id, attempt=attempt)
 
-        future = process.portal.start_task_soon(attempt_job)
         try:
-            return self._wait(future, finished)
+            return self.process_runtime().run(attempt_job)
         except Retry as exc:
-            delay = exc.delay if exc.delay is not None else None
-            raise task.retry(exc=exc, countdown=delay, max_retries=job.retries) from exc
+            raise task.retry(exc=exc, countdown=exc.delay, max_retries=job.retries) from exc
         except Reject as exc:
             raise CeleryReject(exc.reason, requeue=False) from exc
-
-    def _wait(self, future: concurrent.futures.Future[Any], finished: threading.Event) -> Any:
-        try:
-            return future.result()
-        except SoftTimeLimitExceeded:
-            # Raised in this thread by Celery while we waited: cancel the job on the
-            # loop and let its teardown finish before reporting the time limit.
-            future.cancel()
-            limit = self._runtime_options["teardown_timeout"]
-            finished.wait(None if limit is None else limit * 4 + 5)
-            raise
+        except _ProcessClosed as exc:
+            # Nothing ran, or the shutdown cancelled the job after which its teardown ran:
+            # give the message back to the broker for another worker (at-least-once).
+            raise CeleryReject(f"task {job.name!r}: {exc}; requeued", requeue=True) from exc

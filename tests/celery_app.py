@@ -1,6 +1,8 @@
 """A Celery app for tests/test_celery.py, started with the usual command:
 ``celery -A celery_app worker --pool prefork|threads|solo``. Every setup and teardown
-appends ``PID text`` to the file named by $EVIDENCE."""
+appends ``PID text`` to the file named by $EVIDENCE. The tasks take lifecycle's delivery
+defaults (acks_late, reject_on_worker_lost). They are not shared (``shared=False``): the
+tests import this module afresh per worker and build other apps in the same process."""
 
 from __future__ import annotations
 
@@ -65,34 +67,45 @@ async def bad_commit() -> AsyncIterator[None]:
     raise RuntimeError("commit failed")
 
 
-@lc.task(name="add", acks_late=True)
+@lc.task(name="add", shared=False, acks_late=True)
 async def add(a: int, b: int, s: Annotated[str, Depends(session)]) -> int:
     return a + b
 
 
-@lc.task(name="whoami")
+@lc.task(name="whoami", shared=False)
 async def whoami(p: Annotated[str, Depends(pool)]) -> int:
     await anyio.sleep(0.05)
     return os.getpid()
 
 
-@lc.task(name="flaky", retries=2)
+@lc.task(name="flaky", shared=False, retries=2)
 async def flaky(ctx: JobContext, s: Annotated[str, Depends(session)]) -> int:
     if ctx.attempt < 3:
         raise Retry(delay=0.1)
     return ctx.attempt
 
 
-@lc.task(name="rejected", acks_late=True)
+@lc.task(name="rejected", shared=False, acks_late=True)
 async def rejected(s: Annotated[str, Depends(session)]) -> None:
     raise Reject("not for us")
 
 
-@lc.task(name="fails_in_teardown")
+@lc.task(name="fails_in_teardown", shared=False)
 async def fails_in_teardown(s: Annotated[str, Depends(session)], b: Annotated[None, Depends(bad_commit)]) -> int:
     return 1
 
 
-@lc.task(name="slow", soft_time_limit=1)
+@lc.task(name="slow", shared=False, soft_time_limit=1)
 async def slow(s: Annotated[str, Depends(session)]) -> None:
     await anyio.sleep(30)
+
+
+@lc.task(name="victim", shared=False)  # lifecycle's delivery defaults: acks_late, reject_on_worker_lost
+async def victim(marker: str, p: Annotated[str, Depends(pool)], ctx: JobContext) -> int:
+    """The first delivery hangs until the test SIGKILLs its process; the redelivered
+    one (the marker file exists by then) returns the pid of the process that ran it."""
+    note(f"victim started attempt={ctx.attempt}")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        await anyio.sleep(120)
+    return os.getpid()
