@@ -5,6 +5,7 @@ neither a logger bind nor its arguments."""
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import structlog
@@ -14,6 +15,38 @@ _levels_by_wrapper: dict[Any, tuple[bool, bool]] = {}
 
 
 _MISSING = object()
+
+# scheme://user:password@host -> scheme://user:***@host. Greedy up to the last '@' before
+# the path or a space, so an unescaped '@' in the password does not leak its tail; and
+# ``password=`` query parameters.
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s\"']*:)[^/\s\"']*(?=@)")
+_QUERY_PASSWORD = re.compile(r"(?i)(?P<head>[?&;]password=)[^&#\s\"']*")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***`` (in the user
+    info and in a ``password=`` query parameter): for log lines, error messages and a
+    queue's URL.
+
+    Args:
+        text: any text.
+    """
+    return _QUERY_PASSWORD.sub(r"\g<head>***", _URL_PASSWORD.sub(r"\g<head>***", text))
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming an exception as ``Type: message`` (the one wording used in logs
+    and dead letters); for an exception group, its leaf exceptions joined with ``; ``,
+    so a crash inside a task group reads as its cause instead of ``unhandled errors in
+    a TaskGroup (1 sub-exception)``.
+
+    Args:
+        exc: the exception (or group) to describe.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(describe(leaf) for leaf in exc.exceptions)
+    message = str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def _wrapper_class() -> Any:

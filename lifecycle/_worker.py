@@ -29,6 +29,7 @@ from anyio.abc import TaskGroup
 
 from ._errors import DependencyError, LifecycleError, PayloadError, Reject, Retry
 from ._job import Job, as_job
+from ._log import describe
 from ._markers import Depends
 from ._runtime import Runtime, logger
 from .queues._base import BrokerUnavailable, Delivery, Queue
@@ -41,10 +42,6 @@ _SHUTDOWN_SETTLE_TIMEOUT = 10.0
 class StartupError(LifecycleError):
     """A worker could not start: its queue is misconfigured or unreachable, or a
     worker-scoped dependency failed to set up."""
-
-
-def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 class _Broker:
@@ -66,7 +63,7 @@ class _Broker:
         if self.down_since is None:
             self.down_since = time.monotonic()
             self.outages += 1
-            logger().warning("worker.broker_unavailable", operation=operation, error=_error_text(exc))
+            logger().warning("worker.broker_unavailable", operation=operation, error=describe(exc))
 
     def recovered(self) -> None:
         if self.down_since is not None:
@@ -231,7 +228,7 @@ class Worker:
         try:
             await self.queue.open()
         except Exception as exc:
-            raise StartupError(f"worker could not start: the queue could not be opened: {_error_text(exc)}") from exc
+            raise StartupError(f"worker could not start: the queue could not be opened: {describe(exc)}") from exc
 
     async def _warm_up(self, rt: Runtime) -> None:
         """Create every worker-scoped dependency now, so a broken one fails the worker at
@@ -246,7 +243,7 @@ class Worker:
                 except Exception as exc:
                     raise StartupError(
                         f"worker could not start: worker-scoped dependency {step.provider.label} of job "
-                        f"{job.name!r} failed: {_error_text(exc)}"
+                        f"{job.name!r} failed: {describe(exc)}"
                     ) from exc
 
     async def _consume(self) -> None:
@@ -296,7 +293,7 @@ class Worker:
                     # exits over the broker. Wait and read again.
                     self.broker.failed("receive", exc)
                     if not isinstance(exc, BrokerUnavailable):
-                        logger().error("worker.receive_failed", error=_error_text(exc))
+                        logger().error("worker.receive_failed", error=describe(exc))
                     await anyio.sleep(self.broker.delay(failures))
                     failures += 1
                 else:
@@ -338,7 +335,7 @@ class Worker:
             except Exception as exc:
                 self.broker.failed("renew", exc)
                 if not isinstance(exc, BrokerUnavailable):
-                    logger().error("worker.renew_failed", error=_error_text(exc))
+                    logger().error("worker.renew_failed", error=describe(exc))
                 continue
             self.broker.recovered()
             for key in lost:
@@ -362,7 +359,7 @@ class Worker:
             # message was not settled, so the queue delivers it again; one failure must
             # not take the other jobs down.
             self.stats["settle_failed"] += 1
-            logger().error("worker.settle_failed", job=delivery.job, job_id=delivery.id, error=_error_text(exc))
+            logger().error("worker.settle_failed", job=delivery.job, job_id=delivery.id, error=describe(exc))
         finally:
             self._in_flight.pop(delivery.id, None)
             self._lost.discard(delivery.id)
@@ -429,7 +426,7 @@ class Worker:
             delay: float = (
                 exc.delay if isinstance(exc, Retry) and exc.delay is not None else self.backoff(delivery.attempt)
             )
-            error = _error_text(exc)
+            error = describe(exc)
             logger().warning(
                 "job.retrying",
                 job=job.name,
@@ -452,7 +449,7 @@ class Worker:
             try:
                 released = await self._settle(delivery, "release", lambda: self.queue.release(delivery))
             except Exception as exc:
-                logger().error("worker.release_failed", job=delivery.job, job_id=delivery.id, error=_error_text(exc))
+                logger().error("worker.release_failed", job=delivery.job, job_id=delivery.id, error=describe(exc))
             else:
                 if released:
                     self.stats["released"] += 1
@@ -464,7 +461,7 @@ class Worker:
 
     async def _dead(self, delivery: Delivery, reason: str, error: BaseException | str) -> None:
         if isinstance(error, BaseException):
-            text = _error_text(error)
+            text = describe(error)
             module = type(error).__module__
             # Dead letters name public paths: lifecycle.Reject, not lifecycle._errors.Reject.
             kind = f"{'lifecycle' if module.startswith('lifecycle._') else module}.{type(error).__qualname__}"

@@ -9,41 +9,16 @@ and connection settings verbatim."""
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from typing import Any
 
 import structlog
 
+from .._log import describe, redact
+
+__all__ = ["LEVELS", "configure", "describe", "redact"]
+
 LEVELS = ["debug", "info", "warning", "error", "critical"]
-
-# scheme://user:password@host -> scheme://user:***@host. The password stops at '@', '/'
-# or whitespace: a URL whose password holds a raw '/' does not parse as one anyway.
-_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s\"']*:)[^@/\s]+(?=@)")
-
-
-def redact(text: str) -> str:
-    """``text`` with the password of every URL in it replaced by ``***``.
-
-    Args:
-        text: any text: a log line, an error message, a queue's URL.
-    """
-    return _URL_PASSWORD.sub(r"\g<head>***", text)
-
-
-def describe(exc: BaseException) -> str:
-    """One line naming an exception as ``Type: message``; for an exception group, its
-    leaf exceptions joined with ``; ``, so that a crash inside a task group reads as
-    its cause instead of ``unhandled errors in a TaskGroup (1 sub-exception)``.
-
-    Args:
-        exc: the exception (or group) to describe.
-    """
-    if isinstance(exc, BaseExceptionGroup):
-        return "; ".join(describe(leaf) for leaf in exc.exceptions)
-    message = str(exc)
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
 
 def _redact_line(_logger: Any, _name: str, line: Any) -> Any:
     return redact(line) if isinstance(line, str) else line

@@ -59,7 +59,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._errors import LifecycleError
-from .._log import LOG
+from .._log import LOG, redact
 from ._base import BrokerUnavailable, Delivery, MalformedMessage, decode_payload, encode_payload, job_name
 
 if TYPE_CHECKING:
@@ -180,19 +180,6 @@ local n = redis.call('XLEN', KEYS[1])
 redis.call('DEL', KEYS[1])
 return n
 """
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``REDACTED`` (in the user info and in a
-    ``password=`` query parameter), for logs and error messages."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest:
-        # The last '@' ends the user info: an unescaped '@' in a password must not leak.
-        userinfo, host = rest.rsplit("@", 1)
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":REDACTED"
-        url = f"{scheme}://{userinfo}@{host}"
-    return re.sub(r"(?i)(password=)[^&#]*", r"\1REDACTED", url)
 
 
 def _url_secrets(url: str) -> list[str]:
@@ -332,7 +319,7 @@ class RedisStreamQueue:
         ):
             if not value > 0:
                 raise ValueError(f"RedisStreamQueue {name} must be positive, got {value!r}")
-        self.url = redact_url(url)  # the only form kept in the open: it is printed
+        self.url = redact(url)  # the only form kept in the open: it is printed
         self.stream = stream
         self.group = group
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -378,7 +365,7 @@ class RedisStreamQueue:
 
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:
-            text = text.replace(secret, "REDACTED")
+            text = text.replace(secret, "***")
         return text
 
     def _client(self) -> Redis:
