@@ -420,8 +420,10 @@ async def throughput_rows(backend: str, messages: int) -> list[str]:
             try:
                 rate = await throughput(queue, concurrency, messages)
             finally:
-                await queue.redis.delete(stream, f"{stream}:dead", f"{stream}:delayed")
                 await queue.close()
+                cleanup = Redis.from_url(url)
+                await cleanup.delete(stream, f"{stream}:dead", f"{stream}:delayed")
+                await cleanup.aclose()
             rows.append(f"| RedisStreamQueue (local server) | no-op | {concurrency} | {rate:,.0f} |")
     return rows
 
