@@ -1,6 +1,6 @@
 """Property-based tests: random dependency DAGs with random faults, checked against an
 oracle built from nested ``contextlib.AsyncExitStack`` (the reference semantics of
-API.md section 2), and a concurrency property for scopes."""
+the README's "Semantics" rules), and a concurrency property for scopes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Order and exception rules of API.md section 2, on both backends."""
+"""Order and exception rules (README, "Semantics"), on both backends."""
 
 import time
 from typing import Annotated, Any

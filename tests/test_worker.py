@@ -1,4 +1,4 @@
-"""Worker semantics (API.md section 4) against MemoryQueue, on asyncio and trio."""
+"""Worker semantics (README, "Workers and queues") against MemoryQueue, on asyncio and trio."""
 
 from typing import Any
 
