@@ -40,8 +40,9 @@ _SHUTDOWN_SETTLE_TIMEOUT = 10.0
 
 
 class StartupError(LifecycleError):
-    """A worker could not start: its queue is misconfigured or unreachable, or a
-    worker-scoped dependency failed to set up."""
+    """A worker could not start: its queue is misconfigured (address, credentials,
+    permissions), or a worker-scoped dependency failed to set up. An unreachable broker
+    is not a reason: the worker waits for it."""
 
 
 class _Broker:
@@ -193,7 +194,9 @@ class Worker:
         """Consume until cancelled or ``stop()``; then shut down gracefully.
 
         Raises:
-            StartupError: the queue's ``open()`` or a worker-scoped dependency failed.
+            StartupError: the queue is misconfigured (``open()`` failed other than with
+                ``BrokerUnavailable``, which is waited out) or a worker-scoped
+                dependency failed.
             The caller's cancellation, re-raised once every teardown owed has run.
         """
         try:
@@ -225,10 +228,21 @@ class Worker:
         log.info("worker.stopped", **self.stats)
 
     async def _open_queue(self) -> None:
-        try:
-            await self.queue.open()
-        except Exception as exc:
-            raise StartupError(f"worker could not start: the queue could not be opened: {describe(exc)}") from exc
+        """Open the queue: a misconfiguration fails the start; an unreachable broker is
+        waited for, as at any other time (a fleet restarted during an outage)."""
+        failures = 0
+        while True:
+            try:
+                await self.queue.open()
+            except BrokerUnavailable as exc:
+                self.broker.failed("open", exc)
+                await anyio.sleep(self.broker.delay(failures))
+                failures += 1
+            except Exception as exc:
+                raise StartupError(f"worker could not start: the queue could not be opened: {describe(exc)}") from exc
+            else:
+                self.broker.recovered()
+                return
 
     async def _warm_up(self, rt: Runtime) -> None:
         """Create every worker-scoped dependency now, so a broken one fails the worker at
@@ -340,16 +354,8 @@ class Worker:
             self.broker.recovered()
             for key in lost:
                 delivery = self._in_flight.get(key)
-                if delivery is None or key in self._lost:
-                    continue
-                self._lost.add(key)
-                self.stats["lease_lost"] += 1
-                logger().warning(
-                    "worker.lease_lost",
-                    job=delivery.job,
-                    job_id=key,
-                    hint="another consumer took this message over; this worker will not settle it",
-                )
+                if delivery is not None:
+                    self._lease_lost(delivery, "another consumer took it over; this worker will not settle it")
 
     async def _handle(self, delivery: Delivery) -> None:
         try:
@@ -367,22 +373,30 @@ class Worker:
             if not self._in_flight and self._idle is not None:
                 self._idle.set()
 
-    async def _settle(self, delivery: Delivery, operation: str, call: Callable[[], Awaitable[None]]) -> bool:
-        """Run a settling call until the broker takes it; False if this worker no longer
-        owns the message (its lease was lost), so nothing was settled."""
+    async def _settle(self, delivery: Delivery, operation: str, call: Callable[[], Awaitable[bool]]) -> bool:
+        """Run a settling call until the broker takes it. False if this worker no longer
+        owns the message (its lease was lost, to another consumer): nothing was settled."""
         failures = 0
-        while True:
-            if delivery.id in self._lost:
-                return False
+        while delivery.id not in self._lost:
             try:
-                await call()
+                settled = await call()
             except BrokerUnavailable as exc:
                 self.broker.failed(operation, exc)
                 await anyio.sleep(self.broker.delay(failures))
                 failures += 1
-            else:
-                self.broker.recovered()
-                return True
+                continue
+            self.broker.recovered()
+            if not settled:
+                self._lease_lost(delivery, f"the {operation} found another consumer owns it")
+            return settled
+        return False
+
+    def _lease_lost(self, delivery: Delivery, hint: str) -> None:
+        if delivery.id in self._lost:
+            return
+        self._lost.add(delivery.id)
+        self.stats["lease_lost"] += 1
+        logger().warning("worker.lease_lost", job=delivery.job, job_id=delivery.id, hint=hint)
 
     async def _process(self, delivery: Delivery) -> None:
         if delivery.malformed is not None:

@@ -206,15 +206,15 @@ async def test_settling_twice_is_harmless(harness: Harness) -> None:
     for n in range(3):
         await queue.enqueue("send_email", {"user_id": n})
     by_user = {d.payload["user_id"]: d for d in await collect(queue, 3)}
-    await queue.ack(by_user[0])
-    await queue.ack(by_user[0])
-    await queue.retry(by_user[0], 0, "late")  # settled already: no retry
-    await queue.retry(by_user[1], 0, "E: once")
-    await queue.retry(by_user[1], 0, "E: once")  # the answer was lost: asked again
+    assert await queue.ack(by_user[0]) is True
+    assert await queue.ack(by_user[0]) is False
+    assert await queue.retry(by_user[0], 0, "late") is False  # settled already: no retry
+    assert await queue.retry(by_user[1], 0, "E: once") is True
+    assert await queue.retry(by_user[1], 0, "E: once") is False  # the answer was lost: asked again
     record = {"job": "send_email", "payload": {"user_id": 2}, "reason": "failed"}
-    await queue.dead_letter(by_user[2], record)
-    await queue.dead_letter(by_user[2], record)
-    await queue.release(by_user[2])
+    assert await queue.dead_letter(by_user[2], record) is True
+    assert await queue.dead_letter(by_user[2], record) is False
+    assert await queue.release(by_user[2]) is False
     [retried] = await collect(queue, 1)
     assert (retried.payload, retried.attempt) == ({"user_id": 1}, 2)
     assert await nothing_ready(queue)
@@ -241,8 +241,8 @@ async def test_a_dead_consumers_message_is_redelivered_and_its_delivery_counted(
     [taken] = await collect(other, 1)
     assert (taken.payload, taken.attempt, taken.deliveries) == ({"user_id": 1}, 1, 2)
     assert await queue.renew([held]) == [held.id]  # the dead one, back, learns it lost it
-    await queue.ack(held)  # a stale settle changes nothing
-    await queue.retry(held, 0, "stale")
+    assert await queue.ack(held) is False  # a stale settle changes nothing
+    assert await queue.retry(held, 0, "stale") is False
     assert await other.renew([taken]) == []
     await other.ack(taken)
     assert await nothing_ready(other)

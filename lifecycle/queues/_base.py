@@ -102,19 +102,21 @@ class Queue(Protocol):
         """Up to ``limit`` messages, waiting up to ``timeout`` seconds for the first."""
         ...
 
-    async def ack(self, delivery: Delivery) -> None:
-        """The job and its teardown succeeded: the message is done."""
+    async def ack(self, delivery: Delivery) -> bool:
+        """The job and its teardown succeeded: the message is done. Like every settle,
+        returns False (and changes nothing) if the delivery is not this consumer's any
+        more: settled already, or taken over by another consumer."""
         ...
 
-    async def retry(self, delivery: Delivery, delay: float, error: str) -> None:
+    async def retry(self, delivery: Delivery, delay: float, error: str) -> bool:
         """Run it again after ``delay`` seconds as attempt + 1; done with this delivery."""
         ...
 
-    async def dead_letter(self, delivery: Delivery, record: Mapping[str, Any]) -> None:
+    async def dead_letter(self, delivery: Delivery, record: Mapping[str, Any]) -> bool:
         """Park it with the failure recorded; done with this delivery."""
         ...
 
-    async def release(self, delivery: Delivery) -> None:
+    async def release(self, delivery: Delivery) -> bool:
         """Not finished (shutdown): redeliver it with the same attempt."""
         ...
 
@@ -142,12 +144,14 @@ class Queue(Protocol):
 
 
 def job_name(job: str | Job[..., Any], payload: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
-    """The name to put on the message and the payload as a plain dict; a ``Job`` has
-    its payload checked against its parameters first (``PayloadError`` otherwise)."""
+    """The name to put on the message and the payload as a plain dict. A ``Job`` has
+    its payload validated and serialised by its payload model (``Job.dump_payload``:
+    ``PayloadError`` for a bad payload, so it never enters the broker; models, dates
+    and UUIDs become their JSON form, which the worker's validation converts back).
+    A name alone cannot be checked: its payload goes as given."""
     if isinstance(job, str):
         return job, dict(payload or {})
-    job.bind_payload((), dict(payload or {}))
-    return job.name, dict(payload or {})
+    return job.name, job.dump_payload(payload if payload is not None else {})
 
 
 def encode_payload(payload: Mapping[str, Any]) -> str:

@@ -149,24 +149,32 @@ class MemoryQueue:
         del self._in_flight[delivery.id]
         return True
 
-    async def ack(self, delivery: Delivery) -> None:
-        if self._take(delivery):
-            self.acked += 1
+    async def ack(self, delivery: Delivery) -> bool:
+        if not self._take(delivery):
+            return False
+        self.acked += 1
+        return True
 
-    async def retry(self, delivery: Delivery, delay: float, error: str) -> None:
-        if self._take(delivery):
-            self._schedule(dataclasses.replace(delivery, attempt=delivery.attempt + 1, deliveries=0), delay)
+    async def retry(self, delivery: Delivery, delay: float, error: str) -> bool:
+        if not self._take(delivery):
+            return False
+        self._schedule(dataclasses.replace(delivery, attempt=delivery.attempt + 1, deliveries=0), delay)
+        return True
 
-    async def dead_letter(self, delivery: Delivery, record: Mapping[str, Any]) -> None:
-        if self._take(delivery):
-            dead_id = str(next(self._ids))
-            self._dead[dead_id] = {**record, "dead_letter_id": dead_id}
+    async def dead_letter(self, delivery: Delivery, record: Mapping[str, Any]) -> bool:
+        if not self._take(delivery):
+            return False
+        dead_id = str(next(self._ids))
+        self._dead[dead_id] = {**record, "dead_letter_id": dead_id}
+        return True
 
-    async def release(self, delivery: Delivery) -> None:
-        if self._take(delivery):
-            # Back at the front, the delivery not counted: shutdown is not the job's fault.
-            self._ready.appendleft(dataclasses.replace(delivery, deliveries=delivery.deliveries - 1))
-            self._wake()
+    async def release(self, delivery: Delivery) -> bool:
+        if not self._take(delivery):
+            return False
+        # Back at the front, the delivery not counted: shutdown is not the job's fault.
+        self._ready.appendleft(dataclasses.replace(delivery, deliveries=delivery.deliveries - 1))
+        self._wake()
+        return True
 
     async def renew(self, deliveries: Sequence[Delivery]) -> list[str]:
         lost = []

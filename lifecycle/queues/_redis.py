@@ -355,6 +355,10 @@ class RedisStreamQueue:
             self._url_error = self._scrub(f"{type(exc).__name__}: {exc}")
         self._group_ready = False
         self._last_claim = -math.inf
+        # When this consumer last saw the broker stall or fail, or went long without
+        # reading: for one lease after that, it reclaims nothing (see _receive).
+        self._trouble_at = -math.inf
+        self._last_read: float | None = None
         self._claim_cursor = "0-0"
         self._held: set[str] = set()  # ids handed out and not settled: not "reclaimed" from ourselves
         self._scripts: dict[str, Any] = {}
@@ -420,6 +424,7 @@ class RedisStreamQueue:
             raise self._unavailable(op, exc) from exc
 
     def _unavailable(self, op: str, exc: BaseException) -> BrokerUnavailable:
+        self._trouble_at = time.monotonic()
         return BrokerUnavailable(f"{self._where(op)}: Redis unavailable: {type(exc).__name__}: {self._scrub(str(exc))}")
 
     async def _ensure_group(self, redis: Redis) -> None:
@@ -522,16 +527,25 @@ class RedisStreamQueue:
         if promoted[1] is not None:  # a delayed message falls due sooner
             wait = min(wait, max(float(promoted[1]) - time.time(), 0.0))
         now = time.monotonic()
-        if now - self._last_claim >= self.claim_interval:
+        if self._last_read is not None and now - self._last_read > self.claim_idle / 2:
+            self._trouble_at = now  # a long pause since the last read: a stall, or a busy worker
+        # After a stall of the server (CLIENT PAUSE, DEBUG SLEEP, a failover) every
+        # consumer's renewals were held up too, so leases look expired that are not:
+        # reclaim only once the others have had a whole lease to renew theirs.
+        if now - self._last_claim >= self.claim_interval and now - self._trouble_at >= self.claim_idle:
             claimed = await self._reclaim(limit)
             await self._forget_consumers()
             self._last_claim = now  # only once the pass succeeded
             if claimed:
+                self._last_read = time.monotonic()
                 return claimed
         block = int(wait * 1000)
         response: Any = await redis.xreadgroup(
             self.group, self.consumer, {self.stream: ">"}, count=limit, block=block if block > 0 else None
         )
+        self._last_read = time.monotonic()
+        if self._last_read - now > wait + self.claim_idle / 2:
+            self._trouble_at = self._last_read  # the server stalled during this read
         deliveries = []
         for _stream, entries in response or ():
             for message_id, fields in entries:
@@ -582,11 +596,11 @@ class RedisStreamQueue:
         raw = delivery.raw.get(b"payload") if isinstance(delivery.raw, Mapping) else None
         return raw.decode("utf-8") if isinstance(raw, bytes) else encode_payload(delivery.payload)
 
-    async def ack(self, delivery: Delivery) -> None:
-        """Done: XACK and XDEL, if the delivery is still this consumer's."""
-        await self._settle("ack", delivery, self.stream, "ack", "")
+    async def ack(self, delivery: Delivery) -> bool:
+        """Done: XACK and XDEL, if the delivery is still this consumer's (else False)."""
+        return await self._settle("ack", delivery, self.stream, "ack", "")
 
-    async def retry(self, delivery: Delivery, delay: float, error: str) -> None:
+    async def retry(self, delivery: Delivery, delay: float, error: str) -> bool:
         """Re-enqueue as attempt + 1 after ``delay`` seconds (through the delayed set
         when > 0) and ack this delivery, atomically; ``error`` is kept as
         ``last_error`` (first 500 characters)."""
@@ -598,12 +612,11 @@ class RedisStreamQueue:
         body, attempt, enqueued_at = self._body(delivery), delivery.attempt + 1, repr(delivery.enqueued_at)
         if delay > 0:
             member, _ = _delayed_member(delivery.job, body, attempt, enqueued_at, last_error=error[:500])
-            await self._settle("retry", delivery, self.delayed_key, "zadd", repr(time.time() + delay), member)
-        else:
-            fields = [*_message_fields(delivery.job, body, attempt, enqueued_at), "last_error", error[:500]]
-            await self._settle("retry", delivery, self.stream, "xadd", "", *fields)
+            return await self._settle("retry", delivery, self.delayed_key, "zadd", repr(time.time() + delay), member)
+        fields = [*_message_fields(delivery.job, body, attempt, enqueued_at), "last_error", error[:500]]
+        return await self._settle("retry", delivery, self.stream, "xadd", "", *fields)
 
-    async def dead_letter(self, delivery: Delivery, record: Mapping[str, Any]) -> None:
+    async def dead_letter(self, delivery: Delivery, record: Mapping[str, Any]) -> bool:
         """Add ``record`` to the dead stream (every value as JSON) and ack this
         delivery, atomically. A malformed delivery's original fields are kept too, as
         ``raw:<field>`` holding their exact bytes."""
@@ -613,9 +626,9 @@ class RedisStreamQueue:
         if delivery.malformed is not None and isinstance(delivery.raw, Mapping):
             for name, value in delivery.raw.items():
                 fields += [b"raw:" + name, value]
-        await self._settle("dead_letter", delivery, self.dead_letter_stream, "xadd", "", *fields)
+        return await self._settle("dead_letter", delivery, self.dead_letter_stream, "xadd", "", *fields)
 
-    async def release(self, delivery: Delivery) -> None:
+    async def release(self, delivery: Delivery) -> bool:
         """Put it back now, unchanged (same attempt and enqueued_at), as a new entry,
         and ack this one, atomically: redelivered at once, no delivery counted."""
         if isinstance(delivery.raw, Mapping) and delivery.raw:
@@ -623,7 +636,7 @@ class RedisStreamQueue:
         else:
             body = encode_payload(delivery.payload)
             fields = _message_fields(delivery.job, body, delivery.attempt, repr(delivery.enqueued_at))
-        await self._settle("release", delivery, self.stream, "xadd", "", *fields)
+        return await self._settle("release", delivery, self.stream, "xadd", "", *fields)
 
     async def renew(self, deliveries: Sequence[Delivery]) -> list[str]:
         """Reset the idle time of those deliveries this consumer still owns (XCLAIM
