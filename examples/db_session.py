@@ -1,4 +1,5 @@
-"""A DB-session-like dependency tree, runnable as is: ``python examples/db_session.py``.
+"""A DB-session-like dependency tree, runnable as is: ``python examples/db_session.py``,
+or ``python examples/db_session.py trio`` on trio (a core dependency of lifecycle).
 
 - ``database`` is worker-scoped: opened once, shared by every job, closed at shutdown.
 - ``transaction`` is job-scoped: commits when the job succeeds, rolls back when the

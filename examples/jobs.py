@@ -1,9 +1,11 @@
-"""Jobs for the command line: ``lifecycle list examples/jobs.py``.
+"""Jobs for the command line: ``lifecycle list examples/jobs.py`` (or, from the
+repository's root, the dotted ``lifecycle list examples.jobs``).
 
 lifecycle run examples/jobs.py:greet --name Ada --times 2
-lifecycle run examples/jobs.py:greet --help
+lifecycle run examples/jobs.py:greet -h
 lifecycle graph examples/jobs.py:greet --format mermaid
 printf '{"name": "Ada"}\\n{"name": "Bob"}\\n' | lifecycle run examples/jobs.py:greet --jsonl -
+    # stdout: {"line": 1, "ok": true, "result": "hello Ada"} ... one object per line
 lifecycle run examples/jobs.py:worker          # consumes 5 queued messages; Ctrl-C to stop
 """
 

@@ -7,15 +7,17 @@ the test notes "signal sent": the test's signal then surely arrives during the i
 
 from __future__ import annotations
 
+import datetime
 import enum
 import os
 import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
+from pydantic import Field
 
 from lifecycle import Depends, JobContext, Worker, dependency, job
 from lifecycle.queues import MemoryQueue
@@ -172,3 +174,43 @@ class CrashingWorker(Worker):
 
 
 crashing_worker = CrashingWorker(MemoryQueue(), [work])
+
+
+@job
+async def shapes(kind: str) -> object:
+    """Returns results JSON can and cannot carry, for the --jsonl output."""
+    results: dict[str, Any] = {
+        "plain": {"a": [1, 2.5, None, True]},
+        "none": None,
+        "text": "just text",
+        "objects": {"when": datetime.date(2024, 1, 2), "ids": {7}},
+        "nan": float("nan"),
+        "tuple_keys": {(1, 2): "x"},
+    }
+    return results[kind]
+
+
+@job
+async def containers(
+    counts: dict[str, int] | None = None,
+    pair: tuple[int, int] | None = None,
+    many: tuple[int, ...] = (),
+    matrix: list[list[int]] = [],  # noqa: B006 - a CLI default, never mutated
+    by_id: dict[int, float] | None = None,
+) -> dict[str, object]:
+    """Echo container options back, with their Python types."""
+    return {
+        "counts": counts,
+        "pair": pair,
+        "pair_type": type(pair).__name__,
+        "many": many,
+        "many_type": type(many).__name__,
+        "matrix": matrix,
+        "by_id": by_id,
+    }
+
+
+@job
+async def positive(n: Annotated[int, Field(gt=0)]) -> int:
+    """Its payload validation (pydantic) rejects what click accepts: n <= 0."""
+    return n

@@ -2,6 +2,9 @@
 
 import json
 import os
+import pty
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -202,7 +205,7 @@ def test_check_reports_every_problem(evidence: Path, tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "error: a: " in result.stderr and "parameter 'user_id'" in result.stderr
     assert "error: b: " in result.stderr and "cannot depend on job-scoped" in result.stderr
-    assert "2 problem(s)" in result.stderr
+    assert "2 problems in" in result.stderr
     ok = cli(evidence, "check", str(JOBS))
     assert ok.returncode == 0 and "are valid" in ok.stdout
 
@@ -269,7 +272,8 @@ def test_signal_during_a_batch_tears_down_in_flight_jobs(evidence: Path, tmp_pat
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 130
     seen = lines(evidence)
-    assert seen.count("session up {'n': 0, 'pause': 60}") + seen.count("session up {'n': 1, 'pause': 60}") == 2
+    started = [line for line in seen if line.startswith("session up")]
+    assert len(started) == 2 and all(line.startswith(("session up {'n': 0,", "session up {'n': 1,")) for line in started)
     assert seen.count("session down") == 2  # only the two in flight were started, both torn down
     assert seen[-1] == "pool down"
 
@@ -527,3 +531,306 @@ def test_describe_flattens_nested_groups_and_redact_masks_only_passwords() -> No
     assert describe(RuntimeError("plain")) == "RuntimeError: plain"
     text = "redis://127.0.0.1:6379/0, amqp://guest:guest@h:5672//, redis://:pw@h/1, https://u@h/x?a=b:c@d"
     assert redact(text) == "redis://127.0.0.1:6379/0, amqp://guest:***@h:5672//, redis://:***@h/1, https://u@h/x?a=b:c@d"
+
+
+# -- --jsonl output, input errors ------------------------------------------------------
+
+
+def records(stdout: str) -> dict[int, dict[str, object]]:
+    """The batch's stdout, one JSON object per line, by input line number."""
+    found = [json.loads(line) for line in stdout.splitlines()]
+    by_line = {record["line"]: record for record in found}
+    assert len(by_line) == len(found)  # one answer per line
+    return by_line
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jsonl_writes_one_json_object_per_line_to_stdout(evidence: Path, tmp_path: Path, backend: str) -> None:
+    payloads = tmp_path / "payloads.jsonl"
+    payloads.write_bytes(b'{"n": 1}\n{"n": -2}\nnot json\n\n{"m": 1}\n\xff\xfe{"n": 3}\n[1]\n{"n": 5}')
+    result = cli(
+        evidence, "--backend", backend, "run", f"{JOBS}:work", "--jsonl", str(payloads), "--concurrency", "3"
+    )
+    assert result.returncode == 1
+    out = records(result.stdout)
+    assert sorted(out) == [1, 2, 3, 5, 6, 7, 8]  # the blank line 4 has no answer
+    assert out[1] == {"line": 1, "ok": True, "result": "session 1"}
+    assert out[8] == {"line": 8, "ok": True, "result": "session 5"}  # the last line needs no newline
+    assert out[2] == {"line": 2, "ok": False, "error": "ValueError: negative n: -2"}
+    assert out[3]["ok"] is False and str(out[3]["error"]).startswith("JSONDecodeError: ")
+    assert out[5]["ok"] is False and str(out[5]["error"]).startswith("PayloadError: ")
+    assert out[6]["ok"] is False and str(out[6]["error"]).startswith("UnicodeDecodeError: 'utf-8' codec")
+    assert out[7] == {"line": 7, "ok": False, "error": "ValueError: expected a JSON object, got list"}
+    summary = [json.loads(line) for line in result.stderr.splitlines() if "cli.batch_summary" in line]
+    assert summary[0]["done"] == 2 and [f["line"] for f in summary[0]["failures"]] == [2, 3, 5, 6, 7]
+    assert lines(evidence).count("pool up") == 1 and lines(evidence)[-1] == "pool down"
+
+
+def test_jsonl_results_json_cannot_carry_fall_back_to_repr(evidence: Path) -> None:
+    kinds = ["plain", "none", "text", "objects", "nan", "tuple_keys"]
+    stdin = "".join(json.dumps({"kind": kind}) + "\n" for kind in kinds)
+    result = cli(evidence, "run", f"{JOBS}:shapes", "--jsonl", "-", stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    got = {kinds[number - 1]: record["result"] for number, record in records(result.stdout).items()}
+    assert got["plain"] == {"a": [1, 2.5, None, True]}
+    assert got["none"] is None and got["text"] == "just text"
+    assert got["objects"] == {"when": "datetime.date(2024, 1, 2)", "ids": [7]}  # repr per value, sets as arrays
+    assert got["nan"] == "nan"  # NaN is not JSON: the repr of the whole result
+    assert got["tuple_keys"] == "{(1, 2): 'x'}"
+
+
+def test_jsonl_error_lines_are_redacted(evidence: Path) -> None:
+    result = cli(evidence, "run", f"{JOBS}:leak_secret", "--jsonl", "-", stdin="{}\n")
+    assert result.returncode == 1
+    [record] = records(result.stdout).values()
+    assert record["error"] == "ConnectionError: cannot reach postgresql://app:***@db.internal:5432/app"
+    assert "s3cret-pw" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory"])
+def test_jsonl_input_that_cannot_be_opened_is_a_usage_error(evidence: Path, tmp_path: Path, kind: str) -> None:
+    source = tmp_path / "missing.jsonl" if kind == "missing" else tmp_path
+    result = cli(evidence, "run", f"{JOBS}:work", "--jsonl", str(source))
+    assert result.returncode == 2
+    assert f"Invalid value for '--jsonl': cannot read {source}: " in result.stderr
+    assert "Traceback" not in result.stderr and "ExceptionGroup" not in result.stderr
+    assert lines(evidence) == []  # nothing was set up
+
+
+# -- the progress line on a terminal ---------------------------------------------------
+
+
+def render_screen(raw: str) -> list[str]:
+    """What a terminal shows after ``raw``: carriage returns, newlines and erase-line;
+    other escape sequences (colours) are dropped."""
+    rows: list[list[str]] = [[]]
+    col = 0
+    i = 0
+    while i < len(raw):
+        escape = re.match(r"\x1b\[[0-9;?]*([A-Za-z])", raw[i:])
+        if escape:
+            if escape.group(1) == "K":
+                del rows[-1][col:]
+            i += escape.end()
+            continue
+        char = raw[i]
+        if char == "\r":
+            col = 0
+        elif char == "\n":
+            rows.append([])
+            col = 0
+        else:
+            row = rows[-1]
+            row.extend(" " * (col - len(row)))
+            if col < len(row):
+                row[col] = char
+            else:
+                row.append(char)
+            col += 1
+        i += 1
+    return ["".join(row) for row in rows]
+
+
+def run_in_pty(args: list[str], env: dict[str, str], timeout: float = 60) -> tuple[int, str]:
+    """Run with stdout and stderr on one pseudo-terminal; the exit code and all it showed."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every writer closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+        else:
+            raise AssertionError(f"still running after {timeout} s: {b''.join(chunks)!r}")
+        return proc.wait(timeout), b"".join(chunks).decode("utf-8", "replace")
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_progress_line_never_shares_a_row_with_log_or_result_lines(
+    evidence: Path, tmp_path: Path, backend: str
+) -> None:
+    payloads = tmp_path / "payloads.jsonl"
+    payloads.write_text("".join(json.dumps({"n": n, "pause": 0.05}) + "\n" for n in range(30)))
+    args = [sys.executable, "-m", "lifecycle", "--backend", backend, "run", f"{JOBS}:work"]
+    code, raw = run_in_pty([*args, "--jsonl", str(payloads), "--concurrency", "2"], env_for(evidence))
+    assert code == 0, raw
+    assert re.search(r"\d+ done, 0 failed", raw)  # the progress line was drawn ...
+    screen = render_screen(raw)
+    assert not [row for row in screen if re.search(r"\d+ done, \d+ failed", row)], screen  # ... and always erased
+    logged = [row for row in screen if "job.succeeded" in row]
+    assert len(logged) == 30 and all(re.match(r"\d{4}-\d\d-\d\dT", row) for row in logged), screen
+    results = [json.loads(row) for row in screen if row.startswith('{"line"')]
+    assert sorted(r["line"] for r in results) == list(range(1, 31))
+    assert "done: 30, failed: 0" in screen
+
+
+# -- targets ---------------------------------------------------------------------------
+
+
+def console_script() -> list[str]:
+    """The installed ``lifecycle`` script: unlike ``python -m``, it does not put the
+    current directory on sys.path by itself."""
+    script = Path(sys.executable).with_name("lifecycle")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-P", "-c", "import sys; from lifecycle._cli import main; sys.exit(main())"]
+
+
+def test_dotted_targets_are_found_in_the_current_directory(evidence: Path, tmp_path: Path) -> None:
+    (tmp_path / "mymod.py").write_text("from lifecycle import job\n@job\nasync def hi(name: str) -> str:\n    return 'hi ' + name\n")
+    env = {k: v for k, v in env_for(evidence).items() if k != "PYTHONPATH"}
+    ran = subprocess.run([*console_script(), "run", "mymod:hi", "--name", "Ada"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == "hi Ada\n"
+    root = JOBS.parent.parent
+    listed = subprocess.run([*console_script(), "list", "examples.jobs"], cwd=root, capture_output=True, text=True, env=env, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert "greet  (examples.jobs:greet" in listed.stdout
+
+
+def test_a_directory_target_says_what_to_name_instead(evidence: Path) -> None:
+    root = JOBS.parent.parent
+    package = subprocess.run([sys.executable, "-m", "lifecycle", "run", "lifecycle"], cwd=root, capture_output=True, text=True, env=env_for(evidence), timeout=60)
+    assert package.returncode == 2
+    assert "no such file" not in package.stderr
+    assert "lifecycle defines no jobs/workers; it is a package: name one of its modules, as lifecycle.jobs" in package.stderr
+    folder = subprocess.run([sys.executable, "-m", "lifecycle", "list", "examples/"], cwd=root, capture_output=True, text=True, env=env_for(evidence), timeout=60)
+    assert folder.returncode == 2
+    assert "examples/ is a directory, not a Python file; name a module in it, as a file (examples/celery_app.py)" in folder.stderr
+    assert "dotted (examples.celery_app)" in folder.stderr and "examples/jobs.py" in folder.stderr
+
+
+def test_an_import_error_shows_its_traceback_at_debug_only(evidence: Path, tmp_path: Path) -> None:
+    app = tmp_path / "explodes.py"
+    app.write_text("def connect():\n    raise RuntimeError('cannot connect to redis://app:s3cret-pw@cache:6379/0')\nconnect()\n")
+    for where in ("before", "after"):
+        args = ["--log-level", "debug", "run", str(app)] if where == "before" else ["run", str(app), "--log-level", "debug"]
+        debug = cli(evidence, "--log-format", "console", *args)
+        assert debug.returncode == 2
+        assert "cli.import_failed" in debug.stderr and "Traceback" in debug.stderr
+        assert 'explodes.py", line 2, in connect' in debug.stderr
+        assert "importing" in debug.stderr and "s3cret-pw" not in debug.stderr
+    quiet = cli(evidence, "run", str(app))
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr and "importing" in quiet.stderr
+
+
+def test_run_without_a_target_is_a_usage_error(evidence: Path) -> None:
+    result = cli(evidence, "run")
+    assert result.returncode == 2
+    assert "Usage: lifecycle run [OPTIONS] [TARGET] [ARGS]..." in result.stderr
+    assert "Error: missing TARGET" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_job_commands_accept_dash_h(evidence: Path, flag: str) -> None:
+    result = cli(evidence, "run", f"{JOBS}:convert", flag)
+    assert result.returncode == 0, result.stderr
+    assert "--count INTEGER" in result.stdout and "-h, --help" in result.stdout
+
+
+def test_check_counts_and_words_what_it_checked(evidence: Path, tmp_path: Path) -> None:
+    one_each = tmp_path / "one_each.py"
+    one_each.write_text(
+        "from lifecycle import Worker, job\nfrom lifecycle.queues import MemoryQueue\n"
+        "@job\nasync def ping() -> None: ...\nworker = Worker(MemoryQueue(), [ping])\n"
+    )
+    result = cli(evidence, "check", str(one_each))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"ok: 1 job and 1 worker in {one_each} are valid (2 dependency graphs checked)\n"
+    single = tmp_path / "single.py"
+    single.write_text("from lifecycle import job\n@job\nasync def ping() -> None: ...\n")
+    assert cli(evidence, "check", str(single)).stdout == f"ok: 1 job in {single} is valid (1 dependency graph checked)\n"
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    nothing = cli(evidence, "check", str(empty))
+    assert nothing.returncode == 0 and "defines no jobs or workers; nothing to check" in nothing.stdout
+    broken = tmp_path / "broken.py"
+    broken.write_text("from lifecycle import Depends, job\ndef user(user_id: int): ...\n@job\nasync def a(u=Depends(user)): ...\n")
+    assert "1 problem in" in cli(evidence, "check", str(broken)).stderr
+
+
+def test_list_check_and_graph_see_celery_tasks(evidence: Path, tmp_path: Path) -> None:
+    pytest.importorskip("celery")
+    app = JOBS.parent.parent / "examples" / "celery_app.py"
+    listed = cli(evidence, "list", str(app))
+    assert listed.returncode == 0, listed.stderr
+    assert f"send_welcome  ({app}:send_welcome; Celery task 'send_welcome'; retries=3" in listed.stdout
+    assert "dependencies: celery_app:pool [worker], celery_app:connection [job]" in listed.stdout
+    checked = cli(evidence, "check", str(app))
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout == f"ok: 1 Celery task in {app} is valid (1 dependency graph checked)\n"
+    tree = cli(evidence, "graph", f"{app}:send_welcome")
+    assert tree.returncode == 0 and "conn: celery_app:connection  [job scope, async generator]" in tree.stdout
+    run = cli(evidence, "run", f"{app}:send_welcome", "--user-id", "1")
+    assert run.returncode == 2 and "is a Celery task: start a Celery worker" in run.stderr
+    broken = tmp_path / "broken_tasks.py"
+    broken.write_text(
+        "from celery import Celery\nfrom lifecycle import Depends\nfrom lifecycle.celery import CeleryLifecycle\n"
+        "lc = CeleryLifecycle(Celery('t'))\ndef user(user_id: int): ...\n"
+        "@lc.task(name='bad')\nasync def bad(u=Depends(user)): ...\n"
+    )
+    problems = cli(evidence, "check", str(broken))
+    assert problems.returncode == 1 and "error: bad: " in problems.stderr and "parameter 'user_id'" in problems.stderr
+
+
+# -- container options, payload errors -------------------------------------------------
+
+
+def test_container_options_parse_json_and_fixed_tuples_take_their_values(evidence: Path) -> None:
+    result = cli(
+        evidence, "run", f"{JOBS}:containers", "--counts", '{"a": 1}', "--pair", "3", "4",
+        "--many", "1", "--many", "2", "--matrix", "[1, 2]", "--matrix", "[]", "--by-id", '{"7": 0.5}',
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "counts": {"a": 1}, "pair": [3, 4], "pair_type": "tuple", "many": [1, 2], "many_type": "tuple",
+        "matrix": [[1, 2], []], "by_id": {"7": 0.5},
+    }  # fmt: skip
+    helped = cli(evidence, "run", f"{JOBS}:containers", "-h")
+    assert "--counts JSON-OBJECT" in helped.stdout and "--pair <INTEGER INTEGER>" in helped.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--counts", "notjson"], "Invalid value for '--counts': 'notjson' is not JSON"),
+        (["--counts", "[1]"], "Invalid value for '--counts': '[1]': expected a JSON object, got an array"),
+        (["--counts", '{"a": "x"}'], "'x' at ['a'] is not an int; expected dict[str, int]"),
+        (["--counts", '{"a": true}'], "True at ['a'] is not an int"),
+        (["--pair", "3"], "Option '--pair' requires 2 arguments"),
+        (["--pair", "3", "x"], "Invalid value for '--pair'"),
+        (["--matrix", "[1, 'a']"], "Invalid value for '--matrix'"),
+        (["--matrix", '["a"]'], "'a' at [0] is not an int"),
+        (["--by-id", '{"x": 1}'], "key 'x' is not an integer"),
+    ],
+)
+def test_bad_container_options_are_usage_errors_naming_the_option(
+    evidence: Path, args: list[str], message: str
+) -> None:
+    result = cli(evidence, "run", f"{JOBS}:containers", *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+
+
+def test_payload_error_from_options_is_a_usage_error(evidence: Path) -> None:
+    bad = cli(evidence, "run", f"{JOBS}:positive", "--n", "0")
+    assert bad.returncode == 2, bad.stderr
+    assert "Usage: lifecycle run" in bad.stderr and "Error: job 'positive' (cli_jobs:positive)" in bad.stderr
+    assert "job.failed" not in bad.stderr and "cli.job_failed" not in bad.stderr
+    good = cli(evidence, "run", f"{JOBS}:positive", "--n", "2")
+    assert good.returncode == 0 and good.stdout == "2\n"

@@ -5,18 +5,19 @@ which click supports directly, and its usage errors already exit with code 2."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import re
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 import anyio
 import click
 
 from .. import __version__
-from .._errors import DependencyError
+from .._errors import DependencyError, PayloadError
 from .._job import Job, collected_errors
 from .._worker import Worker
 from ._execute import EXIT_FAILED, EXIT_OK, run_batch, run_job, run_worker
@@ -89,12 +90,26 @@ Exit codes: 0 success, 1 job failed, 2 usage or graph error, 130 interrupted."""
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run(ctx: click.Context, target: str | None, args: tuple[str, ...]) -> None:
-    if target is None or target in ("-h", "--help"):
+    if target in ("-h", "--help"):
         click.echo(ctx.get_help())
         ctx.exit(EXIT_OK)
-    assert target is not None
-    settings = _settings(ctx)  # logs are configured before the target's module is imported
-    chosen = load(target).resolve()
+    if target is None:
+        raise click.UsageError(
+            "missing TARGET: a file (jobs.py) or a dotted module (pkg.jobs), with ':name' to pick "
+            "a job or Worker; 'lifecycle run -h' shows examples",
+            ctx,
+        )
+    # Logs are configured before the target's module is imported, with the global
+    # options given after the target too (an import error's traceback shows at debug).
+    settings = _settings(ctx, **_early_globals(args))
+    loaded = load(target)
+    chosen = loaded.resolve()
+    if isinstance(chosen, Job) and any(chosen is task for task in loaded.celery_tasks.values()):
+        raise click.UsageError(
+            f"{target} is a Celery task: start a Celery worker for it (celery -A {loaded.module.__name__} "
+            "worker) and send it with .delay(); 'lifecycle list', 'graph' and 'check' show it",
+            ctx,
+        )
     params: list[click.Parameter] = list(_global_params())
     batch = any(arg == "--jsonl" or arg.startswith("--jsonl=") for arg in args)
     if isinstance(chosen, Job):
@@ -108,7 +123,13 @@ def run(ctx: click.Context, target: str | None, args: tuple[str, ...]) -> None:
             *job_options(chosen, batch=batch),
         ]
     doc = _summary(chosen.fn) if isinstance(chosen, Job) else "Consume the worker's queue until SIGINT/SIGTERM."
-    command = click.Command(f"run {target}", params=params, help=doc, add_help_option=True)
+    command = click.Command(
+        f"run {target}",
+        params=params,
+        help=doc,
+        add_help_option=True,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
     sub = command.make_context(f"lifecycle run {target}", list(args))
     values = dict(sub.params)
     settings = _settings(ctx, **{key: values.pop(key) for key in ("backend", "log_format", "log_level")})
@@ -119,10 +140,49 @@ def run(ctx: click.Context, target: str | None, args: tuple[str, ...]) -> None:
         jsonl, concurrency = values.pop("jsonl"), values.pop("concurrency")
         if jsonl is not None:
             base = to_payload(chosen, values, sub)
-            code = anyio.run(run_batch, chosen, jsonl, concurrency, settings["log_format"], base, backend=backend)
+            with _open_jsonl(jsonl, sub) as source:
+                code = anyio.run(
+                    run_batch, chosen, source, concurrency, settings["log_format"], base, backend=backend
+                )
         else:
-            code = anyio.run(run_job, chosen, to_payload(chosen, values), backend=backend)
+            payload = to_payload(chosen, values)
+            try:  # checked before the runtime starts: a bad option is the caller's error (exit 2)
+                chosen.bind_payload((), payload)
+            except PayloadError as exc:
+                raise click.UsageError(redact(str(exc)), sub) from exc
+            code = anyio.run(run_job, chosen, payload, backend=backend)
     ctx.exit(code)
+
+
+def _early_globals(args: tuple[str, ...]) -> dict[str, str]:
+    """``--log-level`` and ``--log-format`` given after the target, read before the
+    target is imported (click parses the job's command only after importing it)."""
+    found: dict[str, str] = {}
+    for index, arg in enumerate(args):
+        for name in ("--log-level", "--log-format"):
+            key = name[2:].replace("-", "_")
+            if arg == name and index + 1 < len(args):
+                found[key] = args[index + 1]
+            elif arg.startswith(name + "="):
+                found[key] = arg.partition("=")[2]
+    levels = {"log_format": ("console", "json"), "log_level": tuple(LEVELS)}
+    # Invalid values are left for click to report, with the option named.
+    return {key: value.lower() for key, value in found.items() if value.lower() in levels[key]}
+
+
+@contextlib.contextmanager
+def _open_jsonl(source: str, ctx: click.Context) -> Iterator[BinaryIO]:
+    """The ``--jsonl`` input as bytes (``-``: stdin); one that cannot be opened is a
+    usage error naming the option."""
+    if source == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        stream = open(source, "rb")  # noqa: SIM115 - closed below, after the batch
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {source}: {exc.strerror or exc}", ctx, param_hint="'--jsonl'") from exc
+    with stream:
+        yield stream
 
 
 def _summary(fn: Any) -> str | None:
@@ -142,13 +202,17 @@ def list_command(ctx: click.Context, /, target: str, **given: Any) -> None:
     _settings(ctx, **given)
     loaded = load(target)
     selected: dict[str, Any] = (
-        {loaded.attribute: loaded.resolve()} if loaded.attribute else {**loaded.jobs, **loaded.workers}
+        {loaded.attribute: loaded.resolve()} if loaded.attribute else loaded.everything()
     )
     if not selected:
         click.echo(f"{target}: no jobs or workers")
+    celery = {id(job) for job in loaded.celery_tasks.values()}
     for name, value in selected.items():
         if isinstance(value, Job):
-            click.echo(summary(f"{loaded.source}:{name}", value, value.plan))
+            text = summary(f"{loaded.source}:{name}", value, value.plan)
+            if id(value) in celery:  # the Celery task name is what .delay() and workers use
+                text = text.replace("; retries=", f"; Celery task {value.name!r}; retries=", 1)
+            click.echo(text)
         else:
             click.echo(f"{name}  (Worker over {_queue_label(value.queue)}; concurrency={value.concurrency})")
             click.echo(f"    jobs: {', '.join(sorted(value.jobs))}")
@@ -192,8 +256,8 @@ def check(ctx: click.Context, /, target: str, **given: Any) -> None:
     finally:
         collected_errors.reset(token)
     problems = [f"{job.name}: {error}" for job, error in errors]
-    jobs = loaded.jobs
-    for name, worker in loaded.workers.items():
+    jobs, tasks, workers = loaded.jobs, loaded.celery_tasks, loaded.workers
+    for name, worker in workers.items():
         for job in worker.jobs.values():
             try:
                 worker.runtime.plan(job)
@@ -202,11 +266,22 @@ def check(ctx: click.Context, /, target: str, **given: Any) -> None:
                     problems.append(f"{name} (worker) / {job.name}: {exc}")
     for problem in problems:
         click.echo(f"error: {redact(problem)}", err=True)
-    checked = len(jobs) + sum(len(w.jobs) for w in loaded.workers.values())
     if problems:
-        click.echo(f"{len(problems)} problem(s) in {target}", err=True)
+        click.echo(f"{_count(len(problems), 'problem')} in {target}", err=True)
         ctx.exit(EXIT_FAILED)
-    click.echo(f"ok: {checked} job graph(s) in {target} are valid")
+    found = [_count(len(jobs), "job"), _count(len(tasks), "Celery task"), _count(len(workers), "worker")]
+    kept = [text for text in found if not text.startswith("0 ")]
+    if not kept:
+        click.echo(f"ok: {target} defines no jobs or workers; nothing to check")
+        return
+    listed = ", ".join(kept[:-1]) + (" and " if len(kept) > 1 else "") + kept[-1]
+    graphs = len(jobs) + len(tasks) + sum(len(w.jobs) for w in workers.values())
+    verb = "is" if len(kept) == 1 and kept[0].startswith("1 ") else "are"
+    click.echo(f"ok: {listed} in {target} {verb} valid ({_count(graphs, 'dependency graph')} checked)")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def main(argv: list[str] | None = None) -> int:
