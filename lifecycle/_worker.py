@@ -29,7 +29,7 @@ from anyio.abc import TaskGroup
 
 from ._errors import DependencyError, LifecycleError, PayloadError, Reject, Retry
 from ._job import Job, as_job
-from ._log import describe
+from ._log import describe, redact
 from ._markers import Depends
 from ._runtime import Runtime, logger
 from .queues._base import BrokerUnavailable, Delivery, Queue
@@ -152,7 +152,7 @@ class Worker:
         self.runtime = Runtime(
             dependency_overrides=dependency_overrides, teardown_timeout=teardown_timeout, dependencies=dependencies
         )
-        self.broker = _Broker(broker_backoff, broker_backoff_max)
+        self._broker = _Broker(broker_backoff, broker_backoff_max)
         self.stats = {
             "succeeded": 0,
             "retried": 0,
@@ -197,7 +197,8 @@ class Worker:
             StartupError: the queue is misconfigured (``open()`` failed other than with
                 ``BrokerUnavailable``, which is waited out) or a worker-scoped
                 dependency failed.
-            The caller's cancellation, re-raised once every teardown owed has run.
+            BaseException: the caller's cancellation, re-raised once every teardown owed
+                has run.
         """
         try:
             await self._run()
@@ -235,13 +236,13 @@ class Worker:
             try:
                 await self.queue.open()
             except BrokerUnavailable as exc:
-                self.broker.failed("open", exc)
-                await anyio.sleep(self.broker.delay(failures))
+                self._broker.failed("open", exc)
+                await anyio.sleep(self._broker.delay(failures))
                 failures += 1
             except Exception as exc:
                 raise StartupError(f"worker could not start: the queue could not be opened: {describe(exc)}") from exc
             else:
-                self.broker.recovered()
+                self._broker.recovered()
                 return
 
     async def _warm_up(self, rt: Runtime) -> None:
@@ -305,14 +306,14 @@ class Worker:
                 except Exception as exc:
                     # BrokerUnavailable, or anything else the read raised: a worker never
                     # exits over the broker. Wait and read again.
-                    self.broker.failed("receive", exc)
+                    self._broker.failed("receive", exc)
                     if not isinstance(exc, BrokerUnavailable):
                         logger().error("worker.receive_failed", error=describe(exc))
-                    await anyio.sleep(self.broker.delay(failures))
+                    await anyio.sleep(self._broker.delay(failures))
                     failures += 1
                 else:
                     failures = 0
-                    self.broker.recovered()
+                    self._broker.recovered()
             self._interruptible = None
             for delivery in deliveries:
                 self._in_flight[delivery.id] = delivery
@@ -347,11 +348,11 @@ class Worker:
             try:
                 lost = await self.queue.renew(held)
             except Exception as exc:
-                self.broker.failed("renew", exc)
+                self._broker.failed("renew", exc)
                 if not isinstance(exc, BrokerUnavailable):
                     logger().error("worker.renew_failed", error=describe(exc))
                 continue
-            self.broker.recovered()
+            self._broker.recovered()
             for key in lost:
                 delivery = self._in_flight.get(key)
                 if delivery is not None:
@@ -381,14 +382,15 @@ class Worker:
             try:
                 settled = await call()
             except BrokerUnavailable as exc:
-                self.broker.failed(operation, exc)
-                await anyio.sleep(self.broker.delay(failures))
+                self._broker.failed(operation, exc)
+                await anyio.sleep(self._broker.delay(failures))
                 failures += 1
                 continue
-            self.broker.recovered()
-            if not settled:
+            self._broker.recovered()
+            if settled is False:  # None: a queue written before settles said so; it acted
                 self._lease_lost(delivery, f"the {operation} found another consumer owns it")
-            return settled
+                return False
+            return True
         return False
 
     def _lease_lost(self, delivery: Delivery, hint: str) -> None:
@@ -475,11 +477,11 @@ class Worker:
 
     async def _dead(self, delivery: Delivery, reason: str, error: BaseException | str) -> None:
         if isinstance(error, BaseException):
-            text = describe(error)
+            text = redact(describe(error))
             module = type(error).__module__
             # Dead letters name public paths: lifecycle.Reject, not lifecycle._errors.Reject.
             kind = f"{'lifecycle' if module.startswith('lifecycle._') else module}.{type(error).__qualname__}"
-            trace = "".join(traceback.format_exception(error))[-8000:]
+            trace = redact("".join(traceback.format_exception(error))[-8000:])
         else:
             text, kind, trace = error, None, None
         record = {

@@ -1,12 +1,14 @@
 """Worker semantics (README, "Workers and queues") against MemoryQueue, on asyncio and trio."""
 
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from lifecycle import Depends, JobContext, Reject, Retry, StartupError, Worker, dependency, job
-from lifecycle.queues import MemoryQueue
+from lifecycle.queues import BrokerUnavailable, Delivery, MemoryQueue
 
 pytestmark = pytest.mark.anyio
 
@@ -293,11 +295,11 @@ async def test_a_failing_ack_is_logged_and_leaves_the_message_for_redelivery() -
     class FlakyAck(MemoryQueue):
         fail = True
 
-        async def ack(self, delivery: Any) -> None:
+        async def ack(self, delivery: Any) -> bool:
             if self.fail:
                 self.fail = False
                 raise ConnectionError("broker went away")
-            await super().ack(delivery)
+            return await super().ack(delivery)
 
     @job
     async def work(n: int) -> None:
@@ -316,3 +318,168 @@ async def test_a_failing_ack_is_logged_and_leaves_the_message_for_redelivery() -
     assert worker.stats["settle_failed"] == 1
     assert sorted(done) == [0, 1, 2]  # the other jobs were not disturbed
     assert queue.in_flight == 1  # not acked: a real broker would deliver it again
+
+
+class FlakyBroker(MemoryQueue):
+    """A MemoryQueue whose broker can be taken down: every call then raises
+    BrokerUnavailable, as a backend does for a lost connection or a stall."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.down = False
+        self.refused: dict[str, int] = {}
+
+    def _check(self, operation: str) -> None:
+        if self.down:
+            self.refused[operation] = self.refused.get(operation, 0) + 1
+            raise BrokerUnavailable(f"{operation}: connection refused")
+
+    async def open(self) -> None:
+        self._check("open")
+
+    async def receive(self, limit: int, timeout: float) -> list[Delivery]:
+        self._check("receive")
+        return await super().receive(limit, timeout)
+
+    async def ack(self, delivery: Delivery) -> bool:
+        self._check("ack")
+        return await super().ack(delivery)
+
+    async def renew(self, deliveries: Sequence[Delivery]) -> list[str]:
+        self._check("renew")
+        return await super().renew(deliveries)
+
+
+def fast_broker_backoff() -> dict[str, float]:
+    return {"broker_backoff": 0.01, "broker_backoff_max": 0.05}
+
+
+async def test_a_broker_down_at_start_up_is_waited_for_and_each_outage_logged_once() -> None:
+    ran: list[int] = []
+
+    @job
+    async def work(n: int) -> None:
+        ran.append(n)
+
+    queue = FlakyBroker()
+    await queue.enqueue("work", {"n": 1})
+    queue.down = True
+    worker = Worker(queue, [work], poll_interval=0.01, **fast_broker_backoff())
+    with capture_logs() as logs, anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            while queue.refused.get("open", 0) < 3:
+                await anyio.sleep(0.005)
+            queue.down = False
+            while len(queue):
+                await anyio.sleep(0.005)
+            worker.stop()
+    assert ran == [1]
+    events = [entry["event"] for entry in logs]
+    assert events.count("worker.broker_unavailable") == 1 and events.count("worker.broker_recovered") == 1
+    assert events.index("worker.broker_recovered") < events.index("worker.started")
+
+
+async def test_a_job_that_ends_during_an_outage_settles_when_the_broker_is_back() -> None:
+    ran: list[int] = []
+    release = anyio.Event()
+
+    @job
+    async def work(n: int) -> None:
+        await release.wait()
+        ran.append(n)
+
+    queue = FlakyBroker()
+    await queue.enqueue("work", {"n": 1})
+    worker = Worker(queue, [work], poll_interval=0.01, **fast_broker_backoff())
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            while not worker.in_flight:
+                await anyio.sleep(0.005)
+            queue.down = True
+            release.set()
+            while queue.refused.get("ack", 0) < 3:  # the ack is tried again and again
+                await anyio.sleep(0.005)
+            assert worker.in_flight == 1 and queue.acked == 0  # kept, not lost or failed
+            queue.down = False
+            while len(queue):
+                await anyio.sleep(0.005)
+            worker.stop()
+    assert ran == [1] and queue.acked == 1
+    assert worker.stats["succeeded"] == 1 and worker.stats["settle_failed"] == 0
+
+
+async def test_a_lost_lease_is_not_settled_and_not_counted_as_a_success() -> None:
+    release = anyio.Event()
+
+    @job
+    async def slow(n: int) -> None:
+        await release.wait()
+
+    queue = MemoryQueue(lease=0.05)
+    await queue.enqueue("slow", {"n": 1})
+    # Heartbeats far slower than the lease: the message goes to another consumer.
+    worker = Worker(queue, [slow], poll_interval=0.01, heartbeat_interval=0.2)
+    with capture_logs() as logs, anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            while not worker.in_flight:
+                await anyio.sleep(0.005)
+            worker.stop()  # read no more: the other consumer below takes it
+            with anyio.fail_after(5):
+                [taken] = await queue.receive(1, 5)
+            while worker.stats["lease_lost"] == 0:
+                await anyio.sleep(0.01)
+            release.set()
+    assert worker.stats == {**worker.stats, "succeeded": 0, "lease_lost": 1}
+    assert await queue.ack(taken) is True  # the new owner settles it
+    assert [e["event"] for e in logs].count("worker.lease_lost") == 1
+
+
+async def test_a_job_cancelled_by_shutdown_is_released_with_its_attempt_unused() -> None:
+    @job(retries=0)
+    async def stuck(n: int) -> None:
+        await anyio.sleep_forever()
+
+    queue = MemoryQueue()
+    await queue.enqueue("stuck", {"n": 1})
+    worker = Worker(queue, [stuck], shutdown_grace=0.05, poll_interval=0.01)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            while not worker.in_flight:
+                await anyio.sleep(0.005)
+            worker.stop()
+    assert worker.stats["released"] == 1 and await queue.dead_letters() == []
+    [again] = await queue.receive(1, 1)
+    assert (again.attempt, again.deliveries) == (1, 1)
+
+
+async def test_a_malformed_message_is_dead_lettered_and_the_rest_of_the_batch_goes_on() -> None:
+    ran: list[int] = []
+
+    @job
+    async def work(n: int) -> None:
+        ran.append(n)
+
+    class WithGarbage(MemoryQueue):
+        injected = False
+
+        async def receive(self, limit: int, timeout: float) -> list[Delivery]:
+            batch = await super().receive(limit, timeout)
+            if batch and not self.injected:
+                self.injected = True
+                garbage = Delivery("garbage", "", None, raw={b"attempt": b"one"}, malformed="attempt: not a number")
+                self._in_flight["garbage"] = (garbage, float("inf"))
+                batch.insert(0, garbage)
+            return batch
+
+    queue = WithGarbage()
+    for n in range(3):
+        await queue.enqueue("work", {"n": n})
+    worker = Worker(queue, [work], concurrency=8)
+    await run_until_empty(worker, queue)
+    assert sorted(ran) == [0, 1, 2]
+    [dead] = await queue.dead_letters()
+    assert dead["reason"] == "malformed" and "attempt: not a number" in dead["error"]
