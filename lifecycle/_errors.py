@@ -25,7 +25,13 @@ class TeardownTimeout(JobTimeout):
 
 
 class Retry(LifecycleError):
-    """Raised by a job or a dependency: run the job again if attempts remain."""
+    """Raised by a job or a dependency: run the job again if attempts remain.
+
+    Args:
+        delay: seconds to wait before the next attempt (>= 0). None (the default) uses
+            the runner's own policy: at once in ``Runtime.run``, exponential backoff
+            with jitter in a ``Worker``, Celery's countdown under Celery.
+    """
 
     def __init__(self, delay: float | None = None) -> None:
         if delay is not None and delay < 0:
@@ -35,7 +41,12 @@ class Retry(LifecycleError):
 
 
 class Reject(LifecycleError):
-    """Raised by a job or a dependency: fail now, never retry."""
+    """Raised by a job or a dependency: fail now, never retry (a worker dead-letters
+    the message with reason ``rejected``).
+
+    Args:
+        reason: why, kept as ``reason`` and recorded in the dead letter.
+    """
 
     def __init__(self, reason: str) -> None:
         self.reason = reason

@@ -17,7 +17,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Depends:
-    """Marks a parameter as filled by calling ``dependency`` (or the annotated type)."""
+    """Marks a parameter as filled by calling ``dependency`` (or the annotated type).
+
+    Used as ``x: Annotated[T, Depends(f)]`` or as a default value ``x: T = Depends(f)``.
+
+    Args:
+        dependency: the provider to call: any callable (function, coroutine function,
+            sync or async generator function, class, callable instance, bound method,
+            ``functools.partial``). None (the default) calls the annotated type ``T``
+            itself.
+        use_cache: True (the default) shares one value per job between every place
+            that asks for the same dependency; False calls it afresh for this parameter
+            (and does not share that value either).
+    """
 
     __slots__ = ("dependency", "use_cache")
 
@@ -49,10 +61,23 @@ def dependency(*, scope: Scope = "job", threaded: bool = True) -> Callable[[F], 
 
 
 def dependency(fn: F | None = None, /, *, scope: Scope = "job", threaded: bool = True) -> F | Callable[[F], F]:
-    """Declare a provider's scope and threading. Usable bare or with arguments.
+    """Declare a provider's scope and threading. Usable bare (``@dependency``) or with
+    arguments (``@dependency(scope="worker")``); undecorated providers behave as
+    ``scope="job", threaded=True``.
 
     The options are stored on the callable itself so that the same function used from
-    many jobs always behaves the same way."""
+    many jobs always behaves the same way.
+
+    Args:
+        fn: the provider, when used bare.
+        scope: ``"job"`` (the default): created for each job and torn down at its end;
+            ``"worker"``: created once per runtime (a worker creates it at start-up),
+            shared by every job, torn down when the runtime closes.
+        threaded: for a sync function or sync generator, True (the default) runs its
+            setup and teardown in a worker thread so it cannot block the event loop;
+            False runs it inline on the loop (faster for cheap code). Ignored for async
+            providers.
+    """
     if scope not in SCOPES:
         raise ValueError(f"@dependency scope must be one of {SCOPES}, got {scope!r}")
     options = DependencyOptions(scope=scope, threaded=bool(threaded))

@@ -93,54 +93,110 @@ class Queue(Protocol):
         at: float | None = None,
         attempt: int = 1,
     ) -> str:
-        """Add a message for ``job`` (a name, or a ``Job`` whose payload is then
-        validated first), after ``delay`` seconds or at ``at`` (epoch seconds); return
-        its id."""
+        """Add a message; return its id.
+
+        Args:
+            job: the job's name, or a ``Job`` (its payload is then validated first and a
+                bad one raises ``PayloadError`` here, never entering the broker).
+            payload: the job's arguments, a JSON-serialisable mapping (never keyword
+                arguments, which could clash with ``delay``/``at`` or a parameter).
+            delay: seconds from now; None or <= 0 means now. Not with ``at``.
+            at: when to run it, in seconds since the epoch. Not with ``delay``.
+            attempt: the attempt number the message carries (1-based).
+        """
         ...
 
     async def receive(self, limit: int, timeout: float) -> list[Delivery]:
-        """Up to ``limit`` messages, waiting up to ``timeout`` seconds for the first."""
+        """Hand out up to ``limit`` messages, waiting up to ``timeout`` seconds for the
+        first; an empty list is a normal answer. Never raises for a message it cannot
+        decode (see ``Delivery.malformed``).
+
+        Args:
+            limit: the most messages to return (the worker's free slots).
+            timeout: seconds to wait for the first one; a backend may return earlier.
+        """
         ...
 
     async def ack(self, delivery: Delivery) -> bool:
         """The job and its teardown succeeded: the message is done. Like every settle,
         returns False (and changes nothing) if the delivery is not this consumer's any
-        more: settled already, or taken over by another consumer."""
+        more: settled already, or taken over by another consumer.
+
+        Args:
+            delivery: what ``receive`` handed out.
+        """
         ...
 
     async def retry(self, delivery: Delivery, delay: float, error: str) -> bool:
-        """Run it again after ``delay`` seconds as attempt + 1; done with this delivery."""
+        """Run it again after ``delay`` seconds as attempt + 1; done with this delivery.
+
+        Args:
+            delivery: what ``receive`` handed out.
+            delay: seconds before the next attempt is delivered (>= 0).
+            error: the failure, ``Type: message``, kept with the message.
+        """
         ...
 
     async def dead_letter(self, delivery: Delivery, record: Mapping[str, Any]) -> bool:
-        """Park it with the failure recorded; done with this delivery."""
+        """Park it with the failure recorded; done with this delivery.
+
+        Args:
+            delivery: what ``receive`` handed out.
+            record: what to keep: job, payload, reason, error, error_type, traceback,
+                attempts, deliveries, failed_at (a malformed delivery's raw fields are
+                kept too).
+        """
         ...
 
     async def release(self, delivery: Delivery) -> bool:
-        """Not finished (shutdown): redeliver it with the same attempt."""
+        """Not finished (shutdown): redeliver it with the same attempt, without
+        counting a delivery.
+
+        Args:
+            delivery: what ``receive`` handed out.
+        """
         ...
 
     async def renew(self, deliveries: Sequence[Delivery]) -> list[str]:
         """Still working on these: extend their leases. Returns the ids of those this
-        consumer no longer owns (another consumer took them over)."""
+        consumer no longer owns (another consumer took them over).
+
+        Args:
+            deliveries: the deliveries this consumer is still running.
+        """
         ...
 
     async def dead_letters(self, count: int = 100, before: str | None = None) -> list[dict[str, Any]]:
-        """Dead letters newest first, at most ``count``, each with its
-        ``dead_letter_id``; ``before`` (a ``dead_letter_id``) pages to older ones."""
+        """Dead letters, newest first, each with its ``dead_letter_id``.
+
+        Args:
+            count: the most to return.
+            before: a ``dead_letter_id``: return only older ones (the next page). None
+                starts from the newest.
+        """
         ...
 
     async def replay(self, ids: Sequence[str]) -> int:
         """Put these dead letters back on the queue as new messages (attempt 1) and
-        remove them from the dead letters; returns how many were replayed."""
+        remove them from the dead letters; returns how many were replayed (malformed
+        ones, with nothing to run, are skipped).
+
+        Args:
+            ids: ``dead_letter_id`` values.
+        """
         ...
 
     async def purge(self, ids: Sequence[str] | None = None) -> int:
-        """Delete these dead letters (all of them when ``ids`` is None); returns how
-        many were deleted."""
+        """Delete dead letters; returns how many were deleted.
+
+        Args:
+            ids: ``dead_letter_id`` values; None deletes all of them.
+        """
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release the connections; idempotent."""
+        ...
 
 
 def job_name(job: str | Job[..., Any], payload: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:

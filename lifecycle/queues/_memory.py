@@ -58,6 +58,7 @@ class MemoryQueue:
         return len(self._in_flight)
 
     async def open(self) -> None:
+        """Nothing to connect to: always ready."""
         return None
 
     async def enqueue(
@@ -69,6 +70,7 @@ class MemoryQueue:
         at: float | None = None,
         attempt: int = 1,
     ) -> str:
+        """See ``Queue.enqueue``."""
         return self.enqueue_nowait(job, payload, delay=delay, at=at, attempt=attempt)
 
     def enqueue_nowait(
@@ -80,7 +82,8 @@ class MemoryQueue:
         at: float | None = None,
         attempt: int = 1,
     ) -> str:
-        """``enqueue`` from sync code (a module filling a queue at import, a test)."""
+        """``enqueue`` from sync code (a module filling a queue at import, a test); the
+        arguments are those of ``Queue.enqueue``."""
         if delay is not None and at is not None:
             raise ValueError("give delay or at, not both")
         name, body = job_name(job, payload)
@@ -120,6 +123,7 @@ class MemoryQueue:
         return next_due
 
     async def receive(self, limit: int, timeout: float) -> list[Delivery]:
+        """See ``Queue.receive``; also takes back expired leases."""
         deadline = time.monotonic() + timeout
         while True:
             next_due = self._promote_due()
@@ -150,18 +154,21 @@ class MemoryQueue:
         return True
 
     async def ack(self, delivery: Delivery) -> bool:
+        """See ``Queue.ack``."""
         if not self._take(delivery):
             return False
         self.acked += 1
         return True
 
     async def retry(self, delivery: Delivery, delay: float, error: str) -> bool:
+        """See ``Queue.retry``."""
         if not self._take(delivery):
             return False
         self._schedule(dataclasses.replace(delivery, attempt=delivery.attempt + 1, deliveries=0), delay)
         return True
 
     async def dead_letter(self, delivery: Delivery, record: Mapping[str, Any]) -> bool:
+        """See ``Queue.dead_letter``."""
         if not self._take(delivery):
             return False
         dead_id = str(next(self._ids))
@@ -169,6 +176,7 @@ class MemoryQueue:
         return True
 
     async def release(self, delivery: Delivery) -> bool:
+        """See ``Queue.release``: back at the front of the queue."""
         if not self._take(delivery):
             return False
         # Back at the front, the delivery not counted: shutdown is not the job's fault.
@@ -177,6 +185,7 @@ class MemoryQueue:
         return True
 
     async def renew(self, deliveries: Sequence[Delivery]) -> list[str]:
+        """See ``Queue.renew``."""
         lost = []
         expiry = time.monotonic() + self.lease if self.lease is not None else float("inf")
         for delivery in deliveries:
@@ -188,12 +197,14 @@ class MemoryQueue:
         return lost
 
     async def dead_letters(self, count: int = 100, before: str | None = None) -> list[dict[str, Any]]:
+        """See ``Queue.dead_letters``."""
         newest_first = reversed(self._dead.values())
         if before is not None:
             newest_first = (record for record in newest_first if int(record["dead_letter_id"]) < int(before))
         return [dict(record) for record in itertools.islice(newest_first, count)]
 
     async def replay(self, ids: Sequence[str]) -> int:
+        """See ``Queue.replay``."""
         replayed = 0
         for dead_id in ids:
             record = self._dead.get(dead_id)
@@ -205,6 +216,7 @@ class MemoryQueue:
         return replayed
 
     async def purge(self, ids: Sequence[str] | None = None) -> int:
+        """See ``Queue.purge``."""
         if ids is None:
             count = len(self._dead)
             self._dead.clear()
@@ -212,5 +224,6 @@ class MemoryQueue:
         return sum(self._dead.pop(dead_id, None) is not None for dead_id in ids)
 
     async def close(self) -> None:
+        """Nothing to release."""
         return None
 
