@@ -38,8 +38,11 @@ class Param:
     kind: inspect._ParameterKind
     source: Source
     default: Any
-    annotation: Any
+    annotation: Any  # the type, without ``Annotated[...]`` metadata
     depends: Depends | None = None
+    # The annotation as written, ``Annotated`` constraints kept (``Annotated[int,
+    # Field(gt=0)]``): a by-name parameter's payload type. EMPTY when unannotated.
+    declared: Any = EMPTY
 
     @property
     def positional_only(self) -> bool:
@@ -213,7 +216,7 @@ def classify(name: str, p: inspect.Parameter, owner: str) -> Param | None:
         return Param(name, p.kind, Source.DEPENDS, default, base, marker)
     if _is_context(base):
         return Param(name, p.kind, Source.CONTEXT, default, base)
-    return Param(name, p.kind, Source.NAMED, default, base)
+    return Param(name, p.kind, Source.NAMED, default, base, declared=p.annotation)
 
 
 _cache: weakref.WeakKeyDictionary[Any, Provider] = weakref.WeakKeyDictionary()

@@ -13,7 +13,18 @@ from ._log import JobLog
 
 class JobContext:
     """Identity of one attempt of one job. ``log`` is bound lazily: most jobs never
-    touch it, and binding a structlog logger is not free."""
+    touch it, and binding a structlog logger is not free.
+
+    Attributes:
+        id: the job's id (a queue message's id under a worker); the same for every
+            attempt.
+        name: the job's name.
+        attempt: 1-based.
+        args: the job's payload, read-only, as the job receives it: validated and
+            converted by its payload model (``"2026-11-23"`` arrives as a ``date``, a
+            dict as the model), with the defaults of arguments not given. Arguments
+            taken by a ``**kwargs`` parameter are not in it.
+    """
 
     __slots__ = ("_log", "args", "attempt", "id", "name")
 

@@ -3,6 +3,9 @@ can catch the library's failures in one place without swallowing their own."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 
 class LifecycleError(Exception):
     """Base class of every error this library raises on purpose."""
@@ -13,7 +16,19 @@ class DependencyError(LifecycleError):
 
 
 class PayloadError(LifecycleError):
-    """A job was given arguments that do not match its parameters."""
+    """A job was given arguments that do not match its parameters.
+
+    Args:
+        message: every problem, with the job and each problem's location.
+        job: the job's name (None when no job is involved).
+        errors: the problems as data: ``{"type", "loc", "msg"}`` (plus ``ctx``, and
+            ``input`` when it is short and not in a field named like a secret).
+    """
+
+    def __init__(self, message: str, *, job: str | None = None, errors: Iterable[dict[str, Any]] = ()) -> None:
+        super().__init__(message)
+        self.job = job
+        self.errors = list(errors)
 
 
 class JobTimeout(LifecycleError):

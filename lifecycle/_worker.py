@@ -420,7 +420,8 @@ class Worker:
         try:
             if not isinstance(delivery.payload, dict):
                 raise PayloadError(
-                    f"job {job.name!r}: the payload must be a JSON object, got {type(delivery.payload).__name__}"
+                    f"job {job.name!r}: the payload must be a JSON object, got {type(delivery.payload).__name__}",
+                    job=job.name,
                 )
             payload, extras = job.bind_payload((), delivery.payload)
         except PayloadError as exc:
@@ -496,6 +497,8 @@ class Worker:
             "deliveries": delivery.deliveries,
             "failed_at": time.time(),
         }
+        if isinstance(error, PayloadError) and error.errors:
+            record["errors"] = error.errors  # each problem with its location, as data
         logger().error(
             "job.dead_lettered",
             job=delivery.job,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import json
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -227,6 +228,32 @@ def _queue_label(queue: Any) -> str:
 
 @cli.command()
 @click.argument("target")
+@click.option("--indent", type=click.IntRange(min=0), default=2, show_default=True, help="JSON indentation.")
+@_with_globals
+@click.pass_context
+def schema(ctx: click.Context, /, target: str, indent: int, **given: Any) -> None:
+    """Print the JSON Schema of a job's payload (a Worker: of each of its jobs).
+
+    The schema comes from the same model every door validates with, for producers
+    written in another language.
+
+    \b
+      lifecycle schema jobs.py:send_email
+      lifecycle schema jobs.py:worker          {"job name": schema, ...}
+    """
+    SIGNALS.interrupt_now()
+    _settings(ctx, **given)
+    chosen = load(target).resolve()
+    document: dict[str, Any]
+    if isinstance(chosen, Job):
+        document = chosen.payload_schema()
+    else:
+        document = {name: job.payload_schema() for name, job in sorted(chosen.jobs.items())}
+    click.echo(json.dumps(document, indent=indent or None, ensure_ascii=False))
+
+
+@cli.command()
+@click.argument("target")
 @click.option("--format", "fmt", type=click.Choice(["tree", "mermaid", "dot"]), default="tree", show_default=True)
 @_with_globals
 @click.pass_context
@@ -316,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-__all__ = ["GraphError", "cli", "main"]
+__all__ = ["GraphError", "cli", "main", "schema"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
