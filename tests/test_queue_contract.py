@@ -1,9 +1,11 @@
 """The queue contract (``lifecycle/queues/_base.py``), one suite for every backend:
-MemoryQueue on asyncio and trio, RedisStreamQueue on asyncio against the real Redis
-(skipped with a reason when Redis is unreachable; under CI=true that is a failure).
+MemoryQueue and SqliteQueue on asyncio and trio, RedisStreamQueue on asyncio against the
+real Redis (skipped with a reason when Redis is unreachable; under CI=true that is a
+failure).
 
-"Another consumer" is a second RedisStreamQueue in the same group; for MemoryQueue, an
-in-process queue, it is the same queue object."""
+"Another consumer" is a second RedisStreamQueue in the same group, or a second
+SqliteQueue on the same database file; for MemoryQueue, an in-process queue, it is the
+same queue object."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import anyio
 import pytest
 
 from lifecycle import PayloadError, job
-from lifecycle.queues import Delivery, MemoryQueue, Queue
+from lifecycle.queues import Delivery, MemoryQueue, Queue, SqliteQueue
 
 pytestmark = pytest.mark.anyio
 LEASE = 1.0  # seconds; the lease tests wait a few of these
@@ -38,6 +40,8 @@ class Harness:
     params=[
         pytest.param(("memory", "asyncio"), id="memory-asyncio"),
         pytest.param(("memory", "trio"), id="memory-trio"),
+        pytest.param(("sqlite", "asyncio"), id="sqlite-asyncio"),
+        pytest.param(("sqlite", "trio"), id="sqlite-trio"),
         pytest.param(("redis", "asyncio"), id="redis-asyncio", marks=pytest.mark.redis),
     ]
 )
@@ -55,6 +59,22 @@ async def harness(case: tuple[str, str], request: pytest.FixtureRequest) -> Asyn
     if case[0] == "memory":
         memory = MemoryQueue(lease=LEASE)
         yield Harness(memory, lambda: memory)
+        return
+    if case[0] == "sqlite":
+        path = request.getfixturevalue("tmp_path") / "queue.db"
+        sqlite = Harness(SqliteQueue(path, lease=LEASE, poll_interval=0.02), lambda: sqlite.queue)
+
+        def another() -> Queue:
+            queue = SqliteQueue(path, lease=LEASE, poll_interval=0.02)
+            sqlite.opened.append(queue)
+            return queue
+
+        sqlite.other = another
+        try:
+            yield sqlite
+        finally:
+            for queue in [sqlite.queue, *sqlite.opened]:
+                await queue.close()
         return
     from redis.asyncio import Redis
 

@@ -11,7 +11,7 @@ import io
 import json
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 import anyio
@@ -22,47 +22,18 @@ from .._errors import DependencyError, PayloadError
 from .._job import Job, collected_errors
 from .._worker import Worker
 from ._execute import EXIT_FAILED, EXIT_OK, run_batch, run_job, run_worker
+from ._globals import global_params, settings, with_globals
 from ._graph import build_tree, render_dot, render_mermaid, render_tree, summary
 from ._logs import LEVELS, configure, redact
 from ._options import job_options, to_payload
+from ._queues import dead_command, worker_command
 from ._signals import EXIT_INTERRUPTED, SIGNALS
 from ._target import GraphError, Target, load
-
-BACKENDS = ["asyncio", "trio"]
-
-
-def _global_params() -> list[click.Option]:
-    return [
-        click.Option(["--backend"], type=click.Choice(BACKENDS), default=None, help="Event loop (default: asyncio)."),
-        click.Option(
-            ["--log-format"],
-            type=click.Choice(["console", "json"]),
-            default=None,
-            help="Default: console on a terminal, JSON lines otherwise.",
-        ),
-        click.Option(["--log-level"], type=click.Choice(LEVELS, case_sensitive=False), default=None),
-    ]
-
-
-def _with_globals(fn: Callable[..., Any]) -> Callable[..., Any]:
-    for param in reversed(_global_params()):
-        fn = click.option(*param.opts, type=param.type, default=None, help=param.help)(fn)
-    return fn
-
-
-def _settings(ctx: click.Context, **given: Any) -> dict[str, Any]:
-    """Global options may come before or after the command; the later one wins."""
-    settings = dict(ctx.find_root().meta.get("lifecycle.settings", {}))
-    settings.update({key: value for key, value in given.items() if value is not None})
-    settings.setdefault("backend", "asyncio")
-    settings.setdefault("log_level", "info")
-    settings["log_format"] = configure(settings.get("log_format"), settings["log_level"])
-    return settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lifecycle")
-@_with_globals
+@with_globals
 @click.pass_context
 def cli(ctx: click.Context, backend: str | None, log_format: str | None, log_level: str | None) -> None:
     """Run @job functions with their dependencies set up and torn down per job."""
@@ -102,7 +73,7 @@ def run(ctx: click.Context, target: str | None, args: tuple[str, ...]) -> None:
         )
     # Logs are configured before the target's module is imported, with the global
     # options given after the target too (an import error's traceback shows at debug).
-    settings = _settings(ctx, **_early_globals(args))
+    config = settings(ctx, **_early_globals(args))
     loaded = load(target)
     chosen = loaded.resolve()
     if isinstance(chosen, Job) and any(chosen is task for task in loaded.celery_tasks.values()):
@@ -111,7 +82,7 @@ def run(ctx: click.Context, target: str | None, args: tuple[str, ...]) -> None:
             "worker) and send it with .delay(); 'lifecycle list', 'graph' and 'check' show it",
             ctx,
         )
-    params: list[click.Parameter] = list(_global_params())
+    params: list[click.Parameter] = list(global_params())
     batch = any(arg == "--jsonl" or arg.startswith("--jsonl=") for arg in args)
     if isinstance(chosen, Job):
         params += [
@@ -133,8 +104,8 @@ def run(ctx: click.Context, target: str | None, args: tuple[str, ...]) -> None:
     )
     sub = command.make_context(f"lifecycle run {target}", list(args))
     values = dict(sub.params)
-    settings = _settings(ctx, **{key: values.pop(key) for key in ("backend", "log_format", "log_level")})
-    backend = settings["backend"]
+    config = settings(ctx, **{key: values.pop(key) for key in ("backend", "log_format", "log_level")})
+    backend = config["backend"]
     if isinstance(chosen, Worker):
         code = anyio.run(run_worker, chosen, backend=backend)
     else:
@@ -143,7 +114,7 @@ def run(ctx: click.Context, target: str | None, args: tuple[str, ...]) -> None:
             base = to_payload(chosen, values, sub)
             with _open_jsonl(jsonl, sub) as source:
                 code = anyio.run(
-                    run_batch, chosen, source, concurrency, settings["log_format"], base, backend=backend
+                    run_batch, chosen, source, concurrency, config["log_format"], base, backend=backend
                 )
         else:
             payload = to_payload(chosen, values)
@@ -195,12 +166,12 @@ def _summary(fn: Any) -> str | None:
 
 @cli.command("list")
 @click.argument("target")
-@_with_globals
+@with_globals
 @click.pass_context
 def list_command(ctx: click.Context, /, target: str, **given: Any) -> None:
     """List the jobs and workers in TARGET with their arguments and dependencies."""
     SIGNALS.interrupt_now()
-    _settings(ctx, **given)
+    settings(ctx, **given)
     loaded = load(target)
     selected: dict[str, Any] = (
         {loaded.attribute: loaded.resolve()} if loaded.attribute else loaded.everything()
@@ -229,7 +200,7 @@ def _queue_label(queue: Any) -> str:
 @cli.command()
 @click.argument("target")
 @click.option("--indent", type=click.IntRange(min=0), default=2, show_default=True, help="JSON indentation.")
-@_with_globals
+@with_globals
 @click.pass_context
 def schema(ctx: click.Context, /, target: str, indent: int, **given: Any) -> None:
     """Print the JSON Schema of a job's payload (a Worker: of each of its jobs).
@@ -242,7 +213,7 @@ def schema(ctx: click.Context, /, target: str, indent: int, **given: Any) -> Non
       lifecycle schema jobs.py:worker          {"job name": schema, ...}
     """
     SIGNALS.interrupt_now()
-    _settings(ctx, **given)
+    settings(ctx, **given)
     chosen = load(target).resolve()
     document: dict[str, Any]
     if isinstance(chosen, Job):
@@ -255,12 +226,12 @@ def schema(ctx: click.Context, /, target: str, indent: int, **given: Any) -> Non
 @cli.command()
 @click.argument("target")
 @click.option("--format", "fmt", type=click.Choice(["tree", "mermaid", "dot"]), default="tree", show_default=True)
-@_with_globals
+@with_globals
 @click.pass_context
 def graph(ctx: click.Context, /, target: str, fmt: str, **given: Any) -> None:
     """Show a job's dependency graph as a tree, Mermaid or Graphviz DOT."""
     SIGNALS.interrupt_now()
-    _settings(ctx, **given)
+    settings(ctx, **given)
     chosen = load(target).resolve()
     if not isinstance(chosen, Job):
         raise click.UsageError(f"{target} is a Worker; graph takes a job")
@@ -270,12 +241,12 @@ def graph(ctx: click.Context, /, target: str, fmt: str, **given: Any) -> None:
 
 @cli.command()
 @click.argument("target")
-@_with_globals
+@with_globals
 @click.pass_context
 def check(ctx: click.Context, /, target: str, **given: Any) -> None:
     """Build every job's graph in TARGET and report every problem (exit 1 if any)."""
     SIGNALS.interrupt_now()
-    _settings(ctx, **given)
+    settings(ctx, **given)
     errors: list[tuple[Job[..., Any], DependencyError]] = []
     token = collected_errors.set(errors)
     try:
@@ -309,6 +280,10 @@ def check(ctx: click.Context, /, target: str, **given: Any) -> None:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+cli.add_command(worker_command)
+cli.add_command(dead_command)
 
 
 def main(argv: list[str] | None = None) -> int:

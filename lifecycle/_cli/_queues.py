@@ -1,0 +1,203 @@
+"""``lifecycle worker`` and ``lifecycle dead``: consume a queue named by a URL, and look
+after its dead letters, with no Python written for either.
+
+The queue comes from ``--queue URL`` (``lifecycle.queues.queue_from_url``: ``sqlite:///``,
+``redis://``, ``memory://``); a bad URL is a usage error (exit 2) naming the option.
+``worker`` runs through ``run_worker``, so its signals and exit codes are those of
+``lifecycle run TARGET:worker``: 0 after a graceful stop on SIGINT/SIGTERM, 1 if the
+worker could not start, 130 on a second signal. ``dead list`` writes one JSON object
+per dead letter on stdout (newest first), so it pipes into ``jq`` or a file."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+import click
+
+from .._errors import LifecycleError
+from .._job import Job
+from .._log import describe, redact
+from .._worker import Worker
+from ..queues import Queue, queue_from_url
+from ._execute import EXIT_FAILED, run_worker
+from ._globals import settings, with_globals
+from ._target import load
+
+T = TypeVar("T")
+
+
+def _queue(url: str) -> Queue:
+    try:
+        return queue_from_url(url)
+    except (ValueError, TypeError, LifecycleError, ImportError) as exc:
+        raise click.BadParameter(redact(str(exc)), param_hint="'--queue'") from None
+
+
+_QUEUE_HELP = "The queue: sqlite:///PATH, redis://HOST:PORT/DB?stream=jobs&group=workers, memory://."
+
+
+@click.command("worker")
+@click.argument("target")
+@click.option("--queue", "url", required=True, metavar="URL", help=_QUEUE_HELP)
+@click.option("--concurrency", type=click.IntRange(min=1), default=16, show_default=True, help="Jobs at once.")
+@click.option(
+    "--shutdown-grace",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds in-flight jobs get to finish after SIGINT/SIGTERM.",
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Seconds one read waits for messages.",
+)
+@click.option(
+    "--max-deliveries",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="A message handed out more often (its workers died) is dead-lettered as poison.",
+)
+@with_globals
+@click.pass_context
+def worker_command(
+    ctx: click.Context,
+    /,
+    target: str,
+    url: str,
+    concurrency: int,
+    shutdown_grace: float,
+    poll_interval: float,
+    max_deliveries: int,
+    **given: Any,
+) -> None:
+    """Consume the queue at URL, running every job in TARGET (or only TARGET:job),
+    until SIGINT/SIGTERM.
+
+    \b
+      lifecycle worker jobs.py --queue sqlite:///jobs.db --concurrency 32
+      lifecycle worker jobs.py:send_email --queue redis://127.0.0.1:6379/0?stream=emails
+    """
+    config = settings(ctx, **given)
+    queue = _queue(url)
+    loaded = load(target)
+    if loaded.attribute is not None:
+        chosen = loaded.resolve()
+        if not isinstance(chosen, Job):
+            raise click.UsageError(
+                f"{target} is a Worker, which has its own queue: run it with 'lifecycle run {target}'"
+            )
+        jobs: list[Job[..., Any]] = [chosen]
+    else:
+        jobs = list(loaded.jobs.values())
+    if not jobs:
+        raise click.UsageError(f"{target} defines no @job functions for the worker to run")
+    try:
+        worker = Worker(
+            queue,
+            jobs,
+            concurrency=concurrency,
+            shutdown_grace=shutdown_grace,
+            poll_interval=poll_interval,
+            max_deliveries=max_deliveries,
+        )
+    except LifecycleError as exc:
+        raise click.UsageError(redact(str(exc))) from None
+    ctx.exit(anyio.run(_serve, worker, queue, backend=config["backend"]))
+
+
+async def _serve(worker: Worker, queue: Queue) -> int:
+    try:
+        return await run_worker(worker)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await queue.close()
+
+
+def _dead_run(ctx: click.Context, given: dict[str, Any], url: str, call: Callable[[Queue], Awaitable[T]]) -> T:
+    """Open the queue, run ``call`` on it, close it; a failure is exit 1 with its
+    reason (the URL's password masked)."""
+    config = settings(ctx, **given)
+    queue = _queue(url)
+
+    async def main() -> T:
+        try:
+            await queue.open()
+            return await call(queue)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await queue.close()
+
+    try:
+        return anyio.run(main, backend=config["backend"])
+    except (LifecycleError, ValueError, OSError) as exc:
+        click.echo(f"error: {redact(describe(exc))}", err=True)
+        ctx.exit(EXIT_FAILED)
+        raise  # unreachable: ctx.exit raises
+
+
+@click.group("dead")
+def dead_command() -> None:
+    """List, replay and purge a queue's dead letters."""
+
+
+def _json_value(value: Any) -> Any:
+    """For ``json.dumps``: a malformed message's raw column or field (bytes) as text if
+    it is UTF-8, else as ``{"base64": ...}``; anything else as its ``repr()``."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(value).decode("ascii")}
+    return repr(value)
+
+
+@dead_command.command("list")
+@click.option("--queue", "url", required=True, metavar="URL", help=_QUEUE_HELP)
+@click.option("--count", type=click.IntRange(min=1), default=100, show_default=True, help="At most this many.")
+@click.option("--before", metavar="ID", default=None, help="Only dead letters older than this dead_letter_id.")
+@with_globals
+@click.pass_context
+def dead_list(ctx: click.Context, /, url: str, count: int, before: str | None, **given: Any) -> None:
+    """One JSON object per dead letter on stdout, newest first (its dead_letter_id
+    pages on with --before)."""
+    records = _dead_run(ctx, given, url, lambda queue: queue.dead_letters(count, before))
+    for record in records:
+        click.echo(json.dumps(record, default=_json_value, ensure_ascii=False))
+
+
+@dead_command.command("replay")
+@click.option("--queue", "url", required=True, metavar="URL", help=_QUEUE_HELP)
+@click.argument("ids", nargs=-1, required=True)
+@with_globals
+@click.pass_context
+def dead_replay(ctx: click.Context, /, url: str, ids: tuple[str, ...], **given: Any) -> None:
+    """Put the dead letters IDS back on the queue as new messages (attempt 1)."""
+    replayed = _dead_run(ctx, given, url, lambda queue: queue.replay(list(ids)))
+    click.echo(f"replayed {replayed} of {len(ids)}", err=True)
+    if replayed < len(ids):
+        click.echo("the others were missing, or malformed (nothing to run)", err=True)
+
+
+@dead_command.command("purge")
+@click.option("--queue", "url", required=True, metavar="URL", help=_QUEUE_HELP)
+@click.option("--all", "everything", is_flag=True, help="Delete every dead letter of the queue.")
+@click.argument("ids", nargs=-1)
+@with_globals
+@click.pass_context
+def dead_purge(ctx: click.Context, /, url: str, everything: bool, ids: tuple[str, ...], **given: Any) -> None:
+    """Delete the dead letters IDS (or all of them with --all)."""
+    if bool(ids) == everything:
+        raise click.UsageError("give the dead_letter_ids to delete, or --all (not both)")
+    purged = _dead_run(ctx, given, url, lambda queue: queue.purge(None if everything else list(ids)))
+    click.echo(f"purged {purged}", err=True)
+
+
+__all__ = ["dead_command", "worker_command"]
