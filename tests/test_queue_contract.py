@@ -1,24 +1,20 @@
-"""The queue contract (``lifecycle/queues/_base.py``), one suite for every backend:
-MemoryQueue and SqliteQueue on asyncio and trio, RedisStreamQueue on asyncio against the
-real Redis (skipped with a reason when Redis is unreachable; under CI=true that is a
-failure).
-
-"Another consumer" is a second RedisStreamQueue in the same group, or a second
-SqliteQueue on the same database file; for MemoryQueue, an in-process queue, it is the
-same queue object."""
+"""The queue contract (``lifecycle/queues/_base.py``), one suite for every backend: each
+module of ``tests/harnesses`` is a backend (MemoryQueue and SqliteQueue on asyncio and
+trio, RedisStreamQueue on asyncio against the real Redis, skipped with a reason when
+it is unreachable and failing under CI=true). A new backend is done when this suite
+passes for it."""
 
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
+from harnesses import Harness, backends, cases
 
 from lifecycle import PayloadError, job
-from lifecycle.queues import Delivery, MemoryQueue, Queue, SqliteQueue
+from lifecycle.queues import Delivery, Queue
 
 pytestmark = pytest.mark.anyio
 LEASE = 1.0  # seconds; the lease tests wait a few of these
@@ -29,81 +25,23 @@ async def send_email(user_id: int) -> None:
     pass
 
 
-@dataclass
-class Harness:
-    queue: Queue
-    other: Callable[[], Queue]  # a second consumer of the same messages
-    opened: list[Queue] = field(default_factory=list)
+BACKENDS = backends()
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(("memory", "asyncio"), id="memory-asyncio"),
-        pytest.param(("memory", "trio"), id="memory-trio"),
-        pytest.param(("sqlite", "asyncio"), id="sqlite-asyncio"),
-        pytest.param(("sqlite", "trio"), id="sqlite-trio"),
-        pytest.param(("redis", "asyncio"), id="redis-asyncio", marks=pytest.mark.redis),
-    ]
-)
+@pytest.fixture(params=cases())
 def case(request: pytest.FixtureRequest) -> tuple[str, str]:
     return request.param  # type: ignore[no-any-return]
 
 
 @pytest.fixture
 def anyio_backend(case: tuple[str, str]) -> str:
-    return case[1]  # redis-py's client is asyncio-only
+    return case[1]
 
 
 @pytest.fixture
 async def harness(case: tuple[str, str], request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
-    if case[0] == "memory":
-        memory = MemoryQueue(lease=LEASE)
-        yield Harness(memory, lambda: memory)
-        return
-    if case[0] == "sqlite":
-        path = request.getfixturevalue("tmp_path") / "queue.db"
-        sqlite = Harness(SqliteQueue(path, lease=LEASE, poll_interval=0.02), lambda: sqlite.queue)
-
-        def another() -> Queue:
-            queue = SqliteQueue(path, lease=LEASE, poll_interval=0.02)
-            sqlite.opened.append(queue)
-            return queue
-
-        sqlite.other = another
-        try:
-            yield sqlite
-        finally:
-            for queue in [sqlite.queue, *sqlite.opened]:
-                await queue.close()
-        return
-    from redis.asyncio import Redis
-
-    from lifecycle.queues import RedisStreamQueue
-
-    url: str = request.getfixturevalue("redis_url")
-    stream = f"lifecycle-contract-{uuid.uuid4().hex[:12]}"
-
-    def make() -> RedisStreamQueue:
-        # claim_interval=0: every receive looks for expired leases, as MemoryQueue does.
-        return RedisStreamQueue(url, stream=stream, group="workers", claim_idle=LEASE, claim_interval=0)
-
-    harness = Harness(make(), make)
-    opened = harness.opened
-
-    def other() -> Queue:
-        queue = make()
-        opened.append(queue)
-        return queue
-
-    harness.other = other
-    try:
-        yield harness
-    finally:
-        for queue in [harness.queue, *opened]:
-            await queue.close()
-        client = Redis.from_url(url)
-        await client.delete(stream, f"{stream}:dead", f"{stream}:delayed")
-        await client.aclose()
+    async with BACKENDS[case[0]].harness(request, LEASE) as made:
+        yield made
 
 
 async def collect(queue: Queue, count: int, limit: float = 10) -> list[Delivery]:
