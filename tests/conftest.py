@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -11,6 +10,7 @@ from typing import Any
 import pytest
 import structlog
 from hypothesis import HealthCheck, settings
+from support import REDIS_URL, require_service, structlog_level
 
 settings.register_profile(
     "ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
@@ -28,16 +28,6 @@ def _drop(_logger: Any, _name: str, _event: Any) -> Any:
 # INFO, as in production: jobs then take the untraced runner (no per-dependency debug
 # events). Tests of the traced runner ask for the ``debug_logs`` fixture.
 structlog.configure(processors=[_drop], wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
-
-
-@contextlib.contextmanager
-def structlog_level(level: int) -> Iterator[None]:
-    previous = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(level))
-    try:
-        yield
-    finally:
-        structlog.configure(**previous)
 
 
 @pytest.fixture(params=["untraced", "traced"])
@@ -60,18 +50,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def require_service(name: str, check: Any) -> None:
-    """Skip with the reason when a service is unreachable; under CI=true, fail instead."""
-    try:
-        check()
-    except Exception as exc:
-        message = f"{name} is not reachable: {type(exc).__name__}: {exc}"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message} (CI=true: a missing service is a failure, not a skip)")
-        pytest.skip(message)
-
-
-REDIS_URL = os.environ.get("LIFECYCLE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @pytest.fixture

@@ -21,10 +21,10 @@ import pytest
 import sniffio
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
-from conftest import REDIS_URL, require_service
 from structlog.testing import capture_logs
+from support import REDIS_URL, require_service
 
-from lifecycle import Depends, Runtime, dependency, job
+from lifecycle import Depends, JobContext, LifecycleError, Retry, Runtime, dependency, job
 from lifecycle.celery import CeleryLifecycle, _Call, _ProcessClosed, _ProcessRuntime
 
 BROKER = os.environ.get("LIFECYCLE_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
@@ -659,3 +659,122 @@ def test_close_from_the_loop_thread_is_refused_instead_of_waiting_for_itself(any
     finally:
         rt.close()
     assert loop_threads() == []
+
+
+# -- logging and used-up retries ----------------------------------------------------------------
+
+
+def test_a_task_that_asks_to_retry_with_no_attempts_left_says_so_and_names_the_cause(anyio_backend: str) -> None:
+    app = lifecycle_app()
+    lc = CeleryLifecycle(app, backend=anyio_backend, teardown_timeout=5)
+    attempts: list[int] = []
+
+    @lc.task(name="exhaust", shared=False, retries=1)
+    async def exhaust(ctx: JobContext) -> None:
+        attempts.append(ctx.attempt)
+        try:
+            raise ConnectionError("db down")
+        except ConnectionError as exc:
+            raise Retry(delay=0) from exc
+
+    try:
+        result = app.tasks["exhaust"].apply()
+        with pytest.raises(LifecycleError) as info:
+            result.get()
+    finally:
+        lc.shutdown()
+    assert attempts == [1, 2]
+    message = str(info.value)
+    assert "task 'exhaust'" in message and "test_celery" in message  # the job and its module:qualname
+    assert "attempts are used up (2 of 2; @lc.task(retries=1))" in message
+    assert "Retry: retry requested (delay=0), caused by ConnectionError: db down" in message
+    assert isinstance(info.value.__cause__, Retry)  # the chain is kept on the worker side
+
+
+UNCONFIGURED_CELERY_APP = '''
+"""Started as `celery -A quiet_app worker`; structlog is never configured here."""
+import os
+from typing import Annotated
+
+from celery import Celery
+from kombu import Queue
+
+from lifecycle import Depends, Retry
+from lifecycle.celery import CeleryLifecycle
+
+QUEUE = os.environ["LIFECYCLE_CELERY_QUEUE"]
+app = Celery("quiet", broker=os.environ["LIFECYCLE_TEST_BROKER"], backend=os.environ["LIFECYCLE_TEST_RESULTS"])
+app.conf.update(
+    task_default_queue=QUEUE, task_queues=[Queue(QUEUE, auto_delete=True)], task_serializer="json",
+    result_serializer="json", accept_content=["json"], broker_connection_retry_on_startup=True,
+    worker_prefetch_multiplier=1, result_expires=600,
+)
+lc = CeleryLifecycle(app, teardown_timeout=5)
+
+
+async def session():
+    yield "session"
+
+
+@lc.task(name="quiet_add")
+async def add(a: int, b: int, s: Annotated[str, Depends(session)]) -> int:
+    return a + b
+
+
+@lc.task(name="quiet_exhaust", retries=1)
+async def exhaust(s: Annotated[str, Depends(session)]) -> None:
+    try:
+        raise ConnectionError("db down")
+    except ConnectionError as exc:
+        raise Retry(delay=0.1) from exc
+'''
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.redis
+@pytest.mark.usefixtures("services")
+def test_an_unconfigured_prefork_worker_prints_no_lifecycle_lines_and_used_up_retries_reach_the_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    (tmp_path / "quiet_app.py").write_text(UNCONFIGURED_CELERY_APP)
+    queue = f"lifecycle-test-{uuid.uuid4().hex[:8]}"
+    env = {"LIFECYCLE_CELERY_QUEUE": queue, "LIFECYCLE_TEST_BROKER": BROKER, "LIFECYCLE_TEST_RESULTS": REDIS_URL}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    spec = importlib.util.spec_from_file_location(f"quiet_app_{queue[-8:]}", tmp_path / "quiet_app.py")
+    assert spec is not None and spec.loader is not None
+    client = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(client)
+    output = tmp_path / "worker.out"
+    with output.open("w") as sink:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "quiet_app", "worker", "--pool", "prefork", "-c", "1",
+             "--loglevel", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            cwd=tmp_path, env={**os.environ, **env, "PYTHONPATH": str(tmp_path)}, stdout=sink,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            results = [client.add.delay(a=n, b=1) for n in range(10)]
+            assert [r.get(timeout=60) for r in results] == [n + 1 for n in range(10)]
+            with pytest.raises(Exception) as info:
+                client.exhaust.delay().get(timeout=60)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                code = worker.wait(60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                raise
+            client.app.close()
+    text = output.read_text()
+    assert code == 0, text
+    assert type(info.value).__name__ == "LifecycleError"
+    assert "attempts are used up (2 of 2" in str(info.value)
+    assert "caused by ConnectionError: db down" in str(info.value)
+    # Structlog unconfigured: the library's events go to the stdlib logger 'lifecycle',
+    # which Celery's WARNING level governs: no debug/info events, no stdout prints
+    # redirected as WARNING/ForkPoolWorker lines.
+    for noise in ("job.started", "job.succeeded", "dependency.setup", "dependency.teardown", "WARNING/ForkPoolWorker"):
+        assert noise not in text, text

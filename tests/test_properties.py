@@ -13,9 +13,9 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import structlog_level
 from hypothesis import given
 from hypothesis import strategies as st
+from support import structlog_level
 
 from lifecycle import Depends, JobContext, Runtime, dependency
 
