@@ -6,9 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import structlog
-
-from ._log import JobLog
+from ._log import LOG, JobLog
 
 
 class JobContext:
@@ -40,7 +38,7 @@ class JobContext:
         """A structlog logger bound to ``job_id``, ``job`` and ``attempt``."""
         log = self._log
         if log is None:
-            log = structlog.get_logger("lifecycle").bind(job=self.name, job_id=self.id, attempt=self.attempt)
+            log = LOG.bind(job=self.name, job_id=self.id, attempt=self.attempt)
         elif isinstance(log, JobLog):  # the runtime's lazily bound logger: bind it now
             log = log.bound()
         self._log = log

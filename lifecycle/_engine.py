@@ -28,6 +28,7 @@ from anyio import CancelScope
 
 from ._analysis import Kind, Provider
 from ._errors import DependencyError, JobTimeout, TeardownTimeout
+from ._log import describe
 from ._watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -398,7 +399,7 @@ async def unwind(
                     raise err
             except BaseException as new:
                 if isinstance(new, TeardownTimeout):
-                    log.error("dependency.teardown_timeout", dependency=provider.label, error=str(new))
+                    log.error("dependency.teardown_timeout", dependency=provider.label, error=describe(new))
                 pending = new
             else:
                 if status == SWALLOWED:
@@ -406,7 +407,7 @@ async def unwind(
                     log.warning(
                         "dependency.swallowed_exception",
                         dependency=provider.label,
-                        error=f"{type(pending).__name__}: {pending}",
+                        error=describe(pending),
                     )
                     note = (
                         f"lifecycle: dependency {provider.label} swallowed "

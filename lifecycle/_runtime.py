@@ -19,7 +19,7 @@ from ._context import JobContext
 from ._engine import run_with_timeout
 from ._errors import DependencyError, LifecycleError, PayloadError, Reject, Retry
 from ._job import Job, as_job
-from ._log import LOG, JobLog
+from ._log import LOG, JobLog, describe, log_failure
 from ._markers import Depends
 from ._plan import Plan, WorkerNode
 from ._watchdog import Watchdog
@@ -245,11 +245,18 @@ class Runtime:
             except Exception as exc:
                 if attempt > job.retries:
                     if isinstance(exc, Retry):
-                        exc.add_note(
-                            f"lifecycle: job {job.name!r} asked to retry but has no attempts left "
-                            f"({attempt} of {job.retries + 1})"
+                        used_up = f"no attempts left ({attempt} of {job.retries + 1})"
+                        exc.add_note(f"lifecycle: job {job.name!r} asked to retry but has {used_up}")
+                        # A deliberate outcome: one line, no traceback.
+                        logger().error(
+                            "job.failed",
+                            job=job.name,
+                            job_id=job_id,
+                            attempt=attempt,
+                            error=f"{describe(exc)}; {used_up}",
                         )
-                    _log_failure(job, job_id, attempt, exc)
+                    else:
+                        _log_failure(job, job_id, attempt, exc)
                     raise
                 delay = exc.delay if isinstance(exc, Retry) else None
                 logger().warning(
@@ -258,7 +265,7 @@ class Runtime:
                     job_id=job_id,
                     attempt=attempt,
                     delay=delay,
-                    error=f"{type(exc).__name__}: {exc}",
+                    error=describe(exc),
                 )
             except BaseException as exc:
                 _log_failure(job, job_id, attempt, exc)
@@ -325,11 +332,27 @@ class Runtime:
 
 
 def _log_failure(job: Job[..., Any], job_id: str, attempt: int, exc: BaseException) -> None:
-    logger().error("job.failed", job=job.name, job_id=job_id, attempt=attempt, error=f"{type(exc).__name__}: {exc}")
+    # job.cancelled / job.rejected / job.timed_out in one line, job.failed with the
+    # traceback only for an unexpected error (see _log.log_failure).
+    log_failure(logger(), exc, job=job.name, job_id=job_id, attempt=attempt)
+
+
+@overload
+def run(fn: Callable[..., Coroutine[Any, Any, T]], /, *args: Any, backend: str = "asyncio", **kwargs: Any) -> T: ...
+@overload
+def run(fn: Callable[..., T], /, *args: Any, backend: str = "asyncio", **kwargs: Any) -> T: ...
 
 
 def run(fn: Callable[..., Any], /, *args: Any, backend: str = "asyncio", **kwargs: Any) -> Any:
-    """Open a runtime, run one job, close it: for scripts and one-shot tasks."""
+    """Open a runtime, run one job, close it: for scripts and one-shot tasks. Typed as
+    returning the job's result (an async job's awaited result).
+
+    Args:
+        fn: the job (a ``@job`` or any callable ``Runtime.run`` accepts).
+        args: the job's positional payload arguments.
+        backend: the anyio backend to run on, ``"asyncio"`` or ``"trio"``.
+        kwargs: the job's payload arguments by name.
+    """
 
     async def main() -> Any:
         async with Runtime() as rt:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import random
 import time
-import traceback
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -29,7 +28,7 @@ from anyio.abc import TaskGroup
 
 from ._errors import DependencyError, LifecycleError, PayloadError, Reject, Retry
 from ._job import Job, as_job
-from ._log import describe, redact
+from ._log import describe, redact, traceback_text
 from ._markers import Depends
 from ._runtime import Runtime, logger
 from .queues._base import BrokerUnavailable, Delivery, Queue
@@ -482,7 +481,7 @@ class Worker:
             module = type(error).__module__
             # Dead letters name public paths: lifecycle.Reject, not lifecycle._errors.Reject.
             kind = f"{'lifecycle' if module.startswith('lifecycle._') else module}.{type(error).__qualname__}"
-            trace = redact("".join(traceback.format_exception(error))[-8000:])
+            trace = traceback_text(error)[-8000:]
         else:
             text, kind, trace = error, None, None
         record = {

@@ -38,6 +38,7 @@ from ._engine import (
     start_sync_generator,
     teardown_timeout_error,
 )
+from ._log import describe, traceback_text
 from ._plan import CONST, WORKER, WorkerNode
 
 Closer = Callable[[], Awaitable[None]]
@@ -172,10 +173,13 @@ class WorkerScope:
                     await closer()
             except BaseException as exc:
                 exc.add_note(f"lifecycle: raised by the teardown of worker-scoped dependency {provider.label}")
+                # An unexpected error, and the log may be the only place it shows (when
+                # the runtime's block raised too): with its traceback, as text.
                 log.error(
                     "dependency.worker_teardown_failed",
                     dependency=provider.label,
-                    error=f"{type(exc).__name__}: {exc}",
+                    error=describe(exc),
+                    exception=traceback_text(exc),
                 )
                 errors.append(exc)
             else:

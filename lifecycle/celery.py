@@ -33,22 +33,69 @@ import inspect
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from contextlib import AbstractContextManager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, overload
 
 import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from celery import Celery, signals
 from celery.exceptions import Reject as CeleryReject
 
+from ._analysis import label
 from ._errors import LifecycleError, Reject, Retry
 from ._job import Job
-from ._log import LOG
+from ._log import LOG, describe, traceback_text
 from ._markers import Depends
 from ._runtime import Runtime
 
 T = TypeVar("T")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class TaskResult(Protocol[R_co]):
+    """What a lifecycle task's ``delay()`` and ``apply_async()`` return: Celery's
+    ``AsyncResult``, typed with the job's result. Its other attributes are there too,
+    typed ``Any`` (Celery ships no type information)."""
+
+    @property
+    def id(self) -> str: ...
+
+    def get(self, timeout: float | None = None, propagate: bool = True, **options: Any) -> R_co:
+        """Wait for the result (Celery's ``AsyncResult.get``); a failed task raises."""
+        ...
+
+    def ready(self) -> bool: ...
+
+    def __getattr__(self, name: str) -> Any: ...
+
+
+class LifecycleTask(Protocol[R_co]):
+    """The Celery task ``@lc.task`` registers, typed with its job's result (an async
+    job's awaited result): calling it runs the job here and now, ``delay()`` sends it.
+    Every other Celery task attribute (``s()``, ``retry``, ``name``...) is there too,
+    typed ``Any``; delay-time arguments are checked by Celery at run time, not by a type
+    checker (the job's parameters include injected dependencies)."""
+
+    def delay(self, *args: Any, **kwargs: Any) -> TaskResult[R_co]: ...
+
+    def apply_async(
+        self, args: Iterable[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> TaskResult[R_co]: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> R_co: ...
+
+    def __getattr__(self, name: str) -> Any: ...
+
+
+class TaskDecorator(Protocol):
+    """What ``@lc.task(...)`` with options returns: registers the function it decorates."""
+
+    @overload
+    def __call__(self, fn: Callable[..., Coroutine[Any, Any, R]], /) -> LifecycleTask[R]: ...
+    @overload
+    def __call__(self, fn: Callable[..., R], /) -> LifecycleTask[R]: ...
 
 # Seconds to wait for a job whose submission to the loop was interrupted half-way (it
 # may never have reached the loop, so nothing would ever say it is done).
@@ -354,7 +401,12 @@ class _ProcessRuntime:
                 host.result()
         except Exception as exc:
             if log_errors:
-                LOG.error("celery.worker_scope_teardown_failed", error=f"{type(exc).__name__}: {exc}", pid=self.pid)
+                LOG.error(
+                    "celery.worker_scope_teardown_failed",
+                    error=describe(exc),
+                    exception=traceback_text(exc),
+                    pid=self.pid,
+                )
         finally:
             portal_cm.__exit__(None, None, None)
 
@@ -475,6 +527,20 @@ class CeleryLifecycle:
         process.close()
 
     # -- tasks -----------------------------------------------------------------------------
+    @overload
+    def task(self, fn: Callable[..., Coroutine[Any, Any, R]], /) -> LifecycleTask[R]: ...
+    @overload
+    def task(self, fn: Callable[..., R], /) -> LifecycleTask[R]: ...
+    @overload
+    def task(
+        self,
+        *,
+        retries: int = 3,
+        timeout: float | None = None,
+        dependencies: Iterable[Depends] = (),
+        **options: Any,
+    ) -> TaskDecorator: ...
+
     def task(
         self,
         *args: Any,
@@ -484,11 +550,13 @@ class CeleryLifecycle:
         **options: Any,
     ) -> Any:
         """``@lc.task(name=..., ...)``: register an async (or sync) function as a Celery
-        task that runs as one lifecycle job.
+        task that runs as one lifecycle job. Returns the Celery task, typed as a
+        ``LifecycleTask`` of the job's result.
 
         Args:
             retries: how many times ``raise Retry(...)`` may retry the task (Celery's
-                ``max_retries``, default 3).
+                ``max_retries``, default 3). A task that asks to retry once they are
+                used up fails with a ``LifecycleError`` saying so and naming the cause.
             timeout: the job's own timeout in seconds (``None``: none); Celery's
                 ``soft_time_limit`` is the broker-side one.
             dependencies: run for this task, their values not injected.
@@ -548,6 +616,11 @@ class CeleryLifecycle:
         try:
             return self.process_runtime().run(attempt_job)
         except Retry as exc:
+            if attempt > job.retries:
+                # Celery would re-raise the Retry itself, which reaches the client as
+                # "retry requested (delay=...)": say that the attempts are used up, and
+                # name the cause (only the message crosses the result backend).
+                raise LifecycleError(_retries_exhausted(job, attempt, exc)) from exc
             raise task.retry(exc=exc, countdown=exc.delay, max_retries=job.retries) from exc
         except Reject as exc:
             raise CeleryReject(exc.reason, requeue=False) from exc
@@ -555,3 +628,12 @@ class CeleryLifecycle:
             # Nothing ran, or the shutdown cancelled the job after which its teardown ran:
             # give the message back to the broker for another worker (at-least-once).
             raise CeleryReject(f"task {job.name!r}: {exc}; requeued", requeue=True) from exc
+
+
+def _retries_exhausted(job: Job[..., Any], attempt: int, exc: Retry) -> str:
+    cause = exc.__cause__ or exc.__context__
+    why = f"{describe(exc)}, caused by {describe(cause)}" if cause is not None else describe(exc)
+    return (
+        f"task {job.name!r} ({label(job.fn)}) asked to retry but its attempts are used up "
+        f"({attempt} of {job.retries + 1}; @lc.task(retries={job.retries})): {why}"
+    )

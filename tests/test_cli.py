@@ -137,7 +137,8 @@ def test_failed_job_exits_1_and_json_logs_are_valid_json_with_job_identity(evide
     assert failed[0]["attempt"] == 1
     assert len(failed[0]["job_id"]) == 32
     assert "ValueError: negative n: -1" in failed[0]["error"]
-    assert any(r["event"] == "cli.job_failed" and r.get("exception") for r in records)
+    assert "Traceback" in failed[0]["exception"]  # once, as text, in the library's line
+    assert any(r["event"] == "cli.job_failed" and "exception" not in r for r in records)
     assert lines(evidence)[-3:] == ["session saw ValueError", "session down", "pool down"]
 
 

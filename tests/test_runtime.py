@@ -511,19 +511,3 @@ async def test_tracebacks_through_the_generated_plan_function_show_its_source() 
     text = "".join(traceback.format_exception(info.value))
     assert "lifecycle plan" in text and "for job 'fails'" in text
     assert "result = await body(d=v0)" in text  # the generated line, from linecache
-
-
-def test_log_levels_fall_back_to_the_public_structlog_api(monkeypatch: pytest.MonkeyPatch) -> None:
-    import logging
-    from types import SimpleNamespace
-
-    import structlog
-
-    from lifecycle import _log
-
-    warning_only = structlog.make_filtering_bound_logger(logging.WARNING)
-    # As if structlog's internals had moved: no _config._CONFIG, only get_config().
-    fake = SimpleNamespace(_config=SimpleNamespace(), get_config=lambda: {"wrapper_class": warning_only})
-    monkeypatch.setattr(_log, "structlog", fake)
-    assert _log._wrapper_class() is warning_only
-    assert _log.enabled_levels() == (False, False)

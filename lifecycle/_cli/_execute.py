@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 import anyio
 
 from .._job import Job
+from .._log import traceback_text
 from .._runtime import Runtime
 from .._worker import StartupError, Worker
 from ._logs import STATUS, describe, redact
@@ -82,7 +83,7 @@ async def run_job(job: Job[..., Any], payload: dict[str, Any]) -> int:
                 try:
                     result = await rt.run(job, **payload)
                 except Exception as exc:
-                    log().error("cli.job_failed", job=job.name, error=describe(exc), exc_info=exc)
+                    log().error("cli.job_failed", job=job.name, error=describe(exc))  # the library logged the traceback
                     code = EXIT_FAILED
                 else:
                     print_result(result)
@@ -217,7 +218,7 @@ async def run_worker(worker: Worker) -> int:
             log().error("cli.worker_failed", error=str(exc))
             code = EXIT_FAILED
         except Exception as exc:
-            log().error("cli.worker_failed", error=describe(exc), exc_info=exc)
+            log().error("cli.worker_failed", error=describe(exc), exception=traceback_text(exc))
             code = EXIT_FAILED
         tg.cancel_scope.cancel()
     return code
