@@ -9,6 +9,7 @@ ignored. URLs appear in errors with the password masked."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -18,7 +19,27 @@ from ._base import Queue
 from ._memory import MemoryQueue
 from ._sqlite import SqliteQueue
 
-KNOWN_SCHEMES = ("sqlite:///PATH", "redis://HOST[:PORT][/DB]", "rediss://HOST[:PORT][/DB]", "memory://")
+KNOWN_SCHEMES = (
+    "sqlite:///PATH",
+    "redis://HOST[:PORT][/DB]",
+    "rediss://HOST[:PORT][/DB]",
+    "memory://",
+    "postgresql://…",
+    "amqp://…",
+    "nats://…",
+)
+
+# Backends whose client library is optional: the scheme names the module, imported only
+# when used, whose ``from_url(url, **options)`` builds the queue (with ``_options`` for
+# its query).
+_PLUGGED = {
+    "postgres": "._postgres",
+    "postgresql": "._postgres",
+    "amqp": "._rabbit",
+    "amqps": "._rabbit",
+    "nats": "._nats",
+    "tls": "._nats",
+}
 
 _SQLITE_OPTIONS: dict[str, Callable[[str], Any]] = {
     "name": str,
@@ -124,4 +145,8 @@ def queue_from_url(url: str, **options: Any) -> Queue:
             )
         given, _rest = _options(url, parse_qsl(query, keep_blank_values=True), _MEMORY_OPTIONS)
         return MemoryQueue(**{**given, **options})
+    if scheme in _PLUGGED:
+        module = importlib.import_module(_PLUGGED[scheme], __package__)
+        queue: Queue = module.from_url(url, **options)
+        return queue
     raise ValueError(f"queue URL {redact(url)!r}: unknown scheme {scheme!r}; known: {', '.join(KNOWN_SCHEMES)}")
