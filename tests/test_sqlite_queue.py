@@ -593,3 +593,19 @@ def test_worker_command_runs_every_job_and_stops_gracefully_on_sigterm(
     assert sorted(map(int, lines(evidence, "done"))) == [*range(20), 100]
     assert "worker.stopped" in stderr
     assert counts(db) == {"ready": 0, "delayed": 0, "leased": 0, "dead": 0}
+
+
+def test_queue_init_creates_the_storage_idempotently_and_reports_a_bad_path(tmp_path: Path) -> None:
+    from lifecycle._cli import cli
+
+    path = tmp_path / "jobs.db"
+    runner = CliRunner()
+    for _ in range(2):  # idempotent
+        done = runner.invoke(cli, ["queue", "init", "--queue", f"sqlite:///{path}"])
+        assert done.exit_code == 0, done.output
+    tables = {row[0] for row in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"lifecycle_messages", "lifecycle_dead_letters"} <= tables
+    bad = runner.invoke(cli, ["queue", "init", "--queue", f"sqlite:///{tmp_path}/missing/dir/jobs.db"])
+    assert bad.exit_code == 1 and "unable to open database file" in bad.output
+    unknown = runner.invoke(cli, ["queue", "init", "--queue", "carrier-pigeon://coop"])
+    assert unknown.exit_code == 2 and "unknown scheme" in unknown.output

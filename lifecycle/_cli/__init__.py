@@ -26,7 +26,7 @@ from ._globals import global_params, settings, with_globals
 from ._graph import build_tree, render_dot, render_mermaid, render_tree, summary
 from ._logs import LEVELS, configure, redact
 from ._options import job_options, to_payload
-from ._queues import dead_command, worker_command
+from ._queues import dead_command, queue_command, worker_command
 from ._signals import EXIT_INTERRUPTED, SIGNALS
 from ._target import GraphError, Target, load
 
@@ -284,6 +284,7 @@ def _count(n: int, noun: str) -> str:
 
 cli.add_command(worker_command)
 cli.add_command(dead_command)
+cli.add_command(queue_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,8 +122,8 @@ async def _serve(worker: Worker, queue: Queue) -> int:
 
 
 def _dead_run(ctx: click.Context, given: dict[str, Any], url: str, call: Callable[[Queue], Awaitable[T]]) -> T:
-    """Open the queue, run ``call`` on it, close it; a failure is exit 1 with its
-    reason (the URL's password masked)."""
+    """Open the queue (``open()`` creates its storage idempotently), run ``call`` on
+    it, close it; a failure is exit 1 with its reason (the URL's password masked)."""
     config = settings(ctx, **given)
     queue = _queue(url)
 
@@ -137,7 +137,7 @@ def _dead_run(ctx: click.Context, given: dict[str, Any], url: str, call: Callabl
 
     try:
         return anyio.run(main, backend=config["backend"])
-    except (LifecycleError, ValueError, OSError) as exc:
+    except (LifecycleError, ValueError, OSError) as exc:  # BrokerUnavailable included
         click.echo(f"error: {redact(describe(exc))}", err=True)
         ctx.exit(EXIT_FAILED)
         raise  # unreachable: ctx.exit raises
@@ -201,3 +201,24 @@ def dead_purge(ctx: click.Context, /, url: str, everything: bool, ids: tuple[str
 
 
 __all__ = ["dead_command", "worker_command"]
+
+
+@click.group("queue")
+def queue_command() -> None:
+    """Set up a queue's storage."""
+
+
+@queue_command.command("init")
+@click.option("--queue", "url", required=True, metavar="URL", help=_QUEUE_HELP)
+@with_globals
+@click.pass_context
+def queue_init(ctx: click.Context, /, url: str, **given: Any) -> None:
+    """Create what the queue at URL needs (tables, consumer group, ...), idempotently,
+    and check that it can be reached with these credentials: what a worker's start-up
+    does, without starting one (for a deployment step)."""
+
+    async def nothing(queue: Queue) -> None:
+        return None
+
+    _dead_run(ctx, given, url, nothing)
+    click.echo(f"ready: {redact(url)}", err=True)
