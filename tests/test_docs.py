@@ -24,6 +24,11 @@ DOCS = ROOT / "docs"
 _MARKED = re.compile(r"<!-- docs-test: (?P<kind>\w+) -->\n(?P<fence>[^\n]*)\n")
 _BLOCK = re.compile(r"```python\n(?P<code>.*?)^```", re.DOTALL | re.MULTILINE)
 _KINDS = ("run", "pytest")
+# What the runnable example of a page prints first, as the page's text says.
+_PRINTS = {
+    "index.md": ["conn opened", "conn closed", "pool closed", "sent to user-3 (attempt 1)"],
+    "payloads.md": ["42 on 2026-11-23: 2 item(s), normal"],
+}
 
 # Event names as the code spells them: LOG.info("worker.started", ...), or an
 # {"event": "cli.batch_summary"} object. The docs' event table spells them as `noun.verb`.
@@ -78,6 +83,19 @@ def _pages() -> list[Path]:
     return sorted(DOCS.rglob("*.md"))
 
 
+def _public_names(module: str) -> list[str]:
+    return list(importlib.import_module(module).__all__)
+
+
+def _documented(html: str, module: str, name: str) -> bool:
+    """Whether the reference page ``html`` documents ``module.name``: under its own id,
+    or (an object imported lazily, documented from its private module) with its public
+    path as the heading."""
+    if f'id="{module}.{name}"' in html:
+        return True
+    return re.search(rf'class="doc doc-heading">\s*{re.escape(module)}\.{name}\s*<a', html) is not None
+
+
 def _env() -> dict[str, str]:
     # Mkdocs-material prints a banner about its successor unless told not to.
     return {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -104,7 +122,10 @@ def test_the_site_builds_strictly_with_the_api_reference(tmp_path: Path) -> None
     for name in ("lifecycle.Runtime", "lifecycle.Worker", "lifecycle.Depends", "lifecycle.JobTimeout"):
         assert f'id="{name}"' in reference, f"{name} is missing from the API reference"
     queues = (site / "reference" / "queues" / "index.html").read_text()
-    assert "lifecycle.queues.RedisStreamQueue" in queues and 'id="lifecycle.queues.MemoryQueue"' in queues
+    missing = [name for name in _public_names("lifecycle.queues") if not _documented(queues, "lifecycle.queues", name)]
+    assert not missing, f"lifecycle.queues names missing from the API reference: {missing}"
+    missing = [name for name in _public_names("lifecycle") if not _documented(reference, "lifecycle", name)]
+    assert not missing, f"lifecycle names missing from the API reference: {missing}"
     assert 'id="lifecycle.celery.CeleryLifecycle"' in (site / "reference" / "celery" / "index.html").read_text()
     # The execution diagram is a Mermaid picture; the benchmark pages include the files.
     assert '<pre class="mermaid">' in (site / "concepts" / "index.html").read_text()
@@ -142,9 +163,9 @@ def test_the_runnable_examples_run(tmp_path: Path) -> None:
         where = f"docs/{page.relative_to(DOCS)}"
         assert done.returncode == 0, f"an example of {where} failed:\n{done.stderr}"
         assert "Traceback" not in done.stderr, f"an example of {where} logged a traceback:\n{done.stderr}"
-        if page.name == "index.md":  # the page says what it prints, in this order
-            expected = ["conn opened", "conn closed", "pool closed", "sent to user-3 (attempt 1)"]
-            assert done.stdout.splitlines() == expected, done.stdout
+        expected = _PRINTS.get(page.name)
+        if expected is not None:  # the page says what it prints, in this order
+            assert done.stdout.splitlines()[: len(expected)] == expected, done.stdout
 
 
 def test_the_testing_page_examples_pass_on_both_backends(tmp_path: Path) -> None:
@@ -193,6 +214,31 @@ def test_the_operations_page_lists_exactly_the_log_events_the_code_emits() -> No
     assert in_code - documented == {"cli.batch_summary"}, "events missing from docs/operations.md"
     assert "`cli.batch_summary`" in page
     assert documented - in_code == set(), "docs/operations.md lists events the code no longer emits"
+
+
+def test_every_queue_backend_has_a_page_and_every_cli_command_is_on_the_cli_page() -> None:
+    import click
+
+    from lifecycle._cli import cli
+
+    titles = {page.read_text().partition("\n")[0] for page in (DOCS / "queues").glob("*.md")}
+    backends = [name for name in _public_names("lifecycle.queues") if name.endswith("Queue") and name != "Queue"]
+    assert len(backends) >= 6, backends
+    missing = [name for name in backends if f"# {name}" not in titles]
+    assert not missing, f"queue backends without a page in docs/queues/ (titled '# Name'): {missing}"
+
+    def commands(group: click.Group, prefix: str = "") -> list[str]:
+        found = []
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                found += commands(command, f"{prefix}{name} ")
+            else:
+                found.append(prefix + name)
+        return found
+
+    page = (DOCS / "cli.md").read_text()
+    missing = [name for name in commands(cli) if f"| `{name} " not in page and f"| `{name}`" not in page]
+    assert not missing, f"CLI commands missing from the table of docs/cli.md: {missing}"
 
 
 def test_the_pages_cite_the_readme_never_documents_outside_the_repository() -> None:
