@@ -2,7 +2,8 @@
 after its dead letters, with no Python written for either.
 
 The queue comes from ``--queue URL`` (``lifecycle.queues.queue_from_url``: ``sqlite:///``,
-``redis://``, ``postgresql://``, ``amqp://``, ``nats://``, ``memory://``); a bad URL is a usage error (exit 2) naming the option.
+``redis://``, ``postgresql://``, ``amqp://``, ``nats://``, ``memory://``); a bad URL is a
+usage error (exit 2) naming the option.
 ``worker`` runs through ``run_worker``, so its signals and exit codes are those of
 ``lifecycle run TARGET:worker``: 0 after a graceful stop on SIGINT/SIGTERM, 1 if the
 worker could not start, 130 on a second signal. ``dead list`` writes one JSON object
