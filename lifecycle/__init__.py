@@ -11,12 +11,13 @@ from ._errors import (
     PayloadError,
     Reject,
     Retry,
+    StartupError,
     TeardownTimeout,
 )
 from ._job import Job, job
 from ._markers import Depends, dependency
 from ._runtime import Runtime, run
-from ._worker import StartupError, Worker
+from ._worker import Worker
 
 __version__ = "0.1.0"
 
@@ -38,3 +39,26 @@ __all__ = [
     "job",
     "run",
 ]
+
+# Public objects report their public path: a traceback says lifecycle.DependencyError,
+# a dead letter records lifecycle.Reject, help() shows lifecycle.Runtime.
+for _public in (
+    DependencyError,
+    Depends,
+    Job,
+    JobContext,
+    JobTimeout,
+    LifecycleError,
+    PayloadError,
+    Reject,
+    Retry,
+    Runtime,
+    StartupError,
+    TeardownTimeout,
+    Worker,
+    dependency,
+    job,
+    run,
+):
+    _public.__module__ = __name__
+del _public

@@ -9,7 +9,7 @@ import functools
 import inspect
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, get_args, get_origin
 
 from ._context import JobContext
@@ -24,6 +24,46 @@ class Kind(enum.IntEnum):
     COROUTINE = 1
     GENERATOR = 2
     ASYNC_GENERATOR = 3
+
+
+class Setup(enum.IntEnum):
+    """How a provider is set up: the one place that decides it from its kind and options."""
+
+    CALL = 0  # a sync function, called on the event loop (threaded=False)
+    AWAIT = 1  # an async function
+    THREAD = 2  # a sync function, called in a worker thread
+    ENTER = 3  # a sync generator, started on the event loop (threaded=False)
+    ENTER_THREAD = 4  # a sync generator, started (and finished) in worker threads
+    ENTER_ASYNC = 5  # an async generator
+
+
+class Teardown(enum.IntEnum):
+    """How a provider is torn down. The engine keeps these in a job's ``exits``."""
+
+    NONE = 0  # not a generator: nothing to do
+    INLINE = 1  # a sync generator finished on the event loop: cannot suspend
+    ASYNC = 2  # an async generator, awaited
+    THREADED = 3  # a sync generator finished in a worker thread
+
+
+_SETUPS = {
+    (Kind.FUNCTION, False): Setup.CALL,
+    (Kind.FUNCTION, True): Setup.THREAD,
+    (Kind.COROUTINE, False): Setup.AWAIT,
+    (Kind.COROUTINE, True): Setup.AWAIT,  # ``threaded`` means nothing to async code
+    (Kind.GENERATOR, False): Setup.ENTER,
+    (Kind.GENERATOR, True): Setup.ENTER_THREAD,
+    (Kind.ASYNC_GENERATOR, False): Setup.ENTER_ASYNC,
+    (Kind.ASYNC_GENERATOR, True): Setup.ENTER_ASYNC,
+}
+_TEARDOWNS = {
+    Setup.CALL: Teardown.NONE,
+    Setup.AWAIT: Teardown.NONE,
+    Setup.THREAD: Teardown.NONE,
+    Setup.ENTER: Teardown.INLINE,
+    Setup.ENTER_THREAD: Teardown.THREADED,
+    Setup.ENTER_ASYNC: Teardown.ASYNC,
+}
 
 
 class Source(enum.IntEnum):
@@ -51,7 +91,11 @@ class Param:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Provider:
-    """A callable as the engine sees it: how to call it and what it needs."""
+    """A callable as the engine sees it: how to call it and what it needs.
+
+    The facts derived from the kind and the options (``setup``, ``teardown``,
+    ``threaded``, ``teardown_suspends``) are computed here, once, and read by the plan,
+    the code generator, the engine, the worker scope and the CLI alike."""
 
     call: Callable[..., Any]
     kind: Kind
@@ -61,6 +105,24 @@ class Provider:
     var_positional: str | None = None  # the name of a ``*args`` parameter, if any
     var_keyword: bool = False  # takes ``**kwargs``
     never_awaits: bool = False  # an async generator whose code cannot suspend
+    setup: Setup = field(init=False)
+    teardown: Teardown = field(init=False)
+    threaded: bool = field(init=False)  # its setup (and teardown) run in a worker thread
+    # Its teardown can suspend, so a job's guard must shield and bound it: an async
+    # generator that may await, or a sync one finished in a thread.
+    teardown_suspends: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        setup = _SETUPS[self.kind, bool(self.options.threaded)]
+        teardown = _TEARDOWNS[setup]
+        object.__setattr__(self, "setup", setup)
+        object.__setattr__(self, "teardown", teardown)
+        object.__setattr__(self, "threaded", setup in (Setup.THREAD, Setup.ENTER_THREAD))
+        object.__setattr__(
+            self,
+            "teardown_suspends",
+            teardown == Teardown.THREADED or (teardown == Teardown.ASYNC and not self.never_awaits),
+        )
 
     @property
     def scope(self) -> str:

@@ -3,7 +3,10 @@ exact reverse with the pending exception thrown into each generator at its ``yie
 (the semantics of nested ``async with`` / ``contextlib.AsyncExitStack``).
 
 Setup and the body run in a function generated per plan (``_codegen``); this module
-holds what that function calls: the teardown loop and the helpers for threads.
+holds what that function calls: the teardown loop and the helpers for threads, under
+public names the generated code binds. It knows nothing of plans or code: what a
+provider needs (``Provider.teardown``, ``Provider.threaded``) was decided in
+``_analysis``, and the watchdog's protocol lives in ``_watchdog``.
 
 A job whose teardown can suspend gets one guard cancel scope, entered before its first
 dependency. It encloses every scope a generator opens across its ``yield``, so scopes
@@ -26,30 +29,30 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 from anyio import CancelScope
 
-from ._analysis import Kind, Provider
-from ._errors import DependencyError, JobTimeout, TeardownTimeout
+from ._analysis import Provider, Teardown
+from ._errors import DependencyError, TeardownTimeout
 from ._log import describe
 from ._watchdog import Watchdog
 
 if TYPE_CHECKING:
-    from ._codegen import Runner
-    from ._plan import Plan, WorkerNode
+    from ._plan import WorkerNode
 
-_MISSING: Any = object()
-_ASYNC_GENERATOR = Kind.ASYNC_GENERATOR
+MISSING: Any = object()  # a worker-scoped value not created yet
+_INLINE, _ASYNC, _THREADED = Teardown.INLINE, Teardown.ASYNC, Teardown.THREADED
 
 
 class Host(Protocol):
-    """What the engine needs from the runtime that runs it."""
+    """What the engine (and the code generated for a plan) needs from the runtime that
+    runs it. The members are private on ``Runtime``: they exist for the engine only."""
 
     teardown_timeout: float | None
-    watchdog: Watchdog | None
-    scope_class: Callable[[], Any]  # the backend's cancel scope class
+    _watchdog: Watchdog | None
+    _scope_class: Callable[[], Any]  # the backend's cancel scope class
 
     @property
-    def worker_values(self) -> dict[Hashable, Any]: ...
+    def _worker_values(self) -> dict[Hashable, Any]: ...
 
-    async def worker_value(self, node: WorkerNode, log: Any) -> Any: ...
+    async def _worker_value(self, node: WorkerNode, log: Any) -> Any: ...
 
 
 # -- threads and context variables ------------------------------------------------------
@@ -77,7 +80,7 @@ def _unwrap(outcome: tuple[bool, Any]) -> Any:
 def _merge_into_current(src: contextvars.Context, tokens: dict[contextvars.ContextVar[Any], Any] | None) -> None:
     current = contextvars.copy_context()
     for var, value in src.items():
-        if current.get(var, _MISSING) is not value:
+        if current.get(var, MISSING) is not value:
             token = var.set(value)
             if tokens is not None:
                 tokens.setdefault(var, token)
@@ -96,7 +99,7 @@ def _apply(changes: dict[contextvars.ContextVar[Any], Any]) -> None:
 def _refresh(dep_ctx: contextvars.Context) -> None:
     """Bring variables the job changed since setup into the dependency's Context."""
     changes = {
-        var: value for var, value in contextvars.copy_context().items() if dep_ctx.get(var, _MISSING) is not value
+        var: value for var, value in contextvars.copy_context().items() if dep_ctx.get(var, MISSING) is not value
     }
     if changes:
         dep_ctx.run(_apply, changes)
@@ -214,17 +217,6 @@ def second_yield_error(provider: Provider, job: str) -> DependencyError:
     )
 
 
-INLINE, ASYNC, THREADED = 0, 1, 2  # how a generator is torn down
-
-
-def exit_mode(provider: Provider) -> int:
-    """ASYNC: awaited; THREADED: a sync generator finished in a worker thread; INLINE: a
-    sync generator on the event loop, whose teardown cannot suspend."""
-    if provider.kind == _ASYNC_GENERATOR:
-        return ASYNC
-    return THREADED if provider.options.threaded else INLINE
-
-
 async def start_sync_generator(
     provider: Provider, args: tuple[Any, ...], kwargs: dict[str, Any], job: str, propagate: bool = True
 ) -> tuple[Any, Any]:
@@ -232,7 +224,7 @@ async def start_sync_generator(
     ``propagate=False`` keeps a threaded generator's context variables to itself (a
     worker-scoped value must not leak them into whichever job created it)."""
     call = provider.call
-    if provider.options.threaded:
+    if provider.threaded:
         ctx = contextvars.copy_context()
         gen, started, value = _unwrap(await anyio.to_thread.run_sync(_captured, ctx, _start_sync, call, args, kwargs))
         entry: Any = ThreadedGen(gen, ctx, propagate)
@@ -259,7 +251,7 @@ async def start_threaded_generator(
 
 async def _finish(provider: Provider, entry: Any, pending: BaseException | None) -> int:
     """Finish a generator whose teardown can suspend: async, or sync in threads."""
-    if provider.kind == _ASYNC_GENERATOR:
+    if provider.teardown is _ASYNC:
         try:
             if pending is None:
                 await entry.__anext__()
@@ -294,7 +286,7 @@ def _timeout(provider: Provider, job: str, limit: float | None, cause: BaseExcep
 
 async def close_alone(provider: Provider, entry: Any, limit: float | None) -> None:
     """Finish a worker-scoped sync generator at runtime close: normal exit, bounded."""
-    if provider.options.threaded:
+    if provider.teardown is _THREADED:
         status = await _finish_in_fresh_scope(provider, entry, None, limit)
         if status < 0:
             raise _timeout(provider, WORKER_SCOPE, limit, None)
@@ -317,21 +309,22 @@ def teardown_timeout_error(provider: Provider, limit: float | None, job: str = W
 # -- teardown --------------------------------------------------------------------------
 
 
-def _ms_since(started: float) -> float:
+def ms_since(started: float) -> float:
+    """Milliseconds since ``started`` (a ``time.perf_counter()``), for debug events."""
     return round((time.perf_counter() - started) * 1000, 3)
 
 
 RAISED, YIELDED, FINISHED = 0, 1, 2  # what went wrong in a generated clean teardown (see resume_unwind)
 
 
-async def _resumed(entry: Any, mode: int, happened: int, error: BaseException | None) -> int:
+async def _resumed(entry: Any, mode: Teardown, happened: int, error: BaseException | None) -> int:
     """The status of a teardown the generated clean path already ran."""
     if happened == RAISED:
         assert error is not None
         raise error
     if happened == FINISHED:  # but the watchdog fired meanwhile
         return DONE
-    if mode == ASYNC:
+    if mode is _ASYNC:
         await entry.aclose()
     else:
         entry.close()
@@ -340,7 +333,7 @@ async def _resumed(entry: Any, mode: int, happened: int, error: BaseException | 
 
 async def unwind(
     stack: list[Any],
-    exits: tuple[tuple[Provider, int], ...],
+    exits: tuple[Provider, ...],
     exc: BaseException | None,
     job: str,
     guard: CancelScope | None,
@@ -351,7 +344,7 @@ async def unwind(
     resume: tuple[int, BaseException | None] | None = None,
 ) -> None:
     """Tear down ``stack`` in reverse, threading the pending exception through it.
-    ``exits[i]`` is the provider of ``stack[i]`` and its teardown mode; ``guard`` is the
+    ``exits[i]`` is the provider of ``stack[i]``; ``guard`` is the
     job's guard scope (None when no teardown can suspend: then nothing is armed);
     ``trace`` is ``log`` when
     per-dependency debug events are wanted, else None. The watchdog's clock for the
@@ -360,16 +353,17 @@ async def unwind(
     already tore it down."""
     pending = exc
     started = 0.0
-    watchdog = host.watchdog
+    watchdog = host._watchdog
     degraded = False  # the watchdog fired: the guard is cancelled for good
     try:
         while stack:
             entry = stack.pop()
-            provider, mode = exits[len(stack)]
+            provider = exits[len(stack)]
+            mode = provider.teardown
             if trace is not None:
                 started = time.perf_counter()
             try:
-                if resume is None and mode == INLINE:
+                if resume is None and mode is _INLINE:
                     status = finish_sync(entry, pending)
                 elif resume is None and degraded:
                     status = await _finish_in_fresh_scope(provider, entry, pending, host.teardown_timeout)
@@ -417,7 +411,7 @@ async def unwind(
                         exc.add_note(note)
                     pending = None
             if trace is not None:
-                trace.debug("dependency.teardown", dependency=provider.label, duration_ms=_ms_since(started))
+                trace.debug("dependency.teardown", dependency=provider.label, duration_ms=ms_since(started))
     finally:
         if armed:
             watchdog.disarm(guard)  # type: ignore[union-attr]
@@ -429,7 +423,7 @@ async def unwind(
 
 async def resume_unwind(
     stack: list[Any],
-    exits: tuple[tuple[Provider, int], ...],
+    exits: tuple[Provider, ...],
     index: int,
     happened: int,
     error: BaseException | None,
@@ -444,39 +438,3 @@ async def resume_unwind(
     if an outer dependency swallows the error, as with nested ``async with``."""
     del stack[index + 1 :]
     await unwind(stack, exits, None, job, guard, host, log, None, armed, (happened, error))
-
-
-# -- one attempt -------------------------------------------------------------------------
-
-
-async def run_with_timeout(
-    plan: Plan,
-    runner: Runner,
-    payload: dict[str, Any],
-    extras: dict[str, Any] | None,
-    ctx: Any,
-    host: Host,
-    log: Any,
-    timeout: float,
-    attempt: int,
-) -> Any:
-    """Run one attempt under the job's timeout (the plan's runner does the rest).
-
-    The timeout bounds the whole attempt, teardown included. A runner that returns
-    after the deadline (it passed in code no cancellation reaches: a threaded teardown,
-    any teardown once shielded by rule 6, sync code blocking the loop) has its result
-    discarded and fails with ``JobTimeout`` too: the job did not finish in time, and a
-    queue worker acknowledges a message only after the whole teardown anyway."""
-    deadline = anyio.current_time() + timeout
-    with CancelScope(deadline=deadline):
-        result = await runner(payload, extras, ctx, host, log)
-        late = anyio.current_time() - deadline
-        if late < 0:
-            return result
-        message = (
-            f"job {plan.job_name!r} ({plan.job_label}) timed out after {timeout}s (attempt {attempt}): "
-            f"it finished {late:.3f}s after its deadline, in code the timeout could not interrupt "
-            "(a worker thread, or a teardown, which is shielded); its result is discarded"
-        )
-        raise JobTimeout(message)
-    raise JobTimeout(f"job {plan.job_name!r} ({plan.job_label}) timed out after {timeout}s (attempt {attempt})")

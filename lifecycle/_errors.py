@@ -66,3 +66,9 @@ class Reject(LifecycleError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class StartupError(LifecycleError):
+    """A worker could not start: its queue is misconfigured (address, credentials,
+    permissions), or a worker-scoped dependency failed to set up. An unreachable broker
+    is not a reason: the worker waits for it."""

@@ -31,7 +31,7 @@ from pydantic_core import CoreSchema, PydanticSerializationError, core_schema, t
 from typing_extensions import TypedDict
 
 from ._analysis import EMPTY, Kind, Param, Provider, Source, analyse, label
-from ._codegen import compile_binder
+from ._codegen import Runners, compile_binder, compile_runners
 from ._errors import DependencyError, PayloadError
 from ._markers import DEFAULT_OPTIONS, Depends
 from ._plan import Plan, compile_plan
@@ -53,11 +53,8 @@ class Job(Generic[P, R]):
     Its payload (the non-dependency parameters) is validated with pydantic v2 at every
     door: see ``bind_payload``, ``dump_payload`` and ``payload_schema``."""
 
-    fn: Callable[P, R]
-    name: str
-    retries: int
-    timeout: float | None
-    dependencies: tuple[Depends, ...]
+    # No class-level annotations: the class reports ``lifecycle.Job`` (see __init__.py),
+    # where typing.get_type_hints could not resolve this module's names.
 
     def __init__(
         self,
@@ -76,11 +73,11 @@ class Job(Generic[P, R]):
             raise ValueError(f"@job retries must be an int >= 0, got {retries!r}")
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise ValueError(f"@job timeout must be a positive number of seconds, got {timeout!r}")
-        self.fn = fn
-        self.name = name or getattr(fn, "__name__", None) or label(fn)
-        self.retries = retries
-        self.timeout = float(timeout) if timeout is not None else None
-        self.dependencies = tuple(dependencies)
+        self.fn: Callable[P, R] = fn
+        self.name: str = name or getattr(fn, "__name__", None) or label(fn)
+        self.retries: int = retries
+        self.timeout: float | None = float(timeout) if timeout is not None else None
+        self.dependencies: tuple[Depends, ...] = tuple(dependencies)
         functools.update_wrapper(self, fn)
         self.error: DependencyError | None = None
         try:
@@ -114,7 +111,8 @@ class Job(Generic[P, R]):
         self._keep: tuple[str, ...] = ()
         # Validate now: a broken graph is reported where the job is declared.
         try:
-            self.plan: Plan = self.compile((), {})
+            self.runners: Runners = self.compile((), {})
+            self.plan: Plan = self.runners.plan
             self._fields = _payload_fields(self.name, label(fn), self.params, self.plan)
             if any(annotation is not Any for annotation in self._fields.values()):
                 self._adapter = _compile_model(self.name, fn, self._fields)
@@ -130,12 +128,28 @@ class Job(Generic[P, R]):
                 self.error = exc
                 sink.append((self, exc))
 
-    def compile(self, runtime_dependencies: Iterable[Depends], overrides: Mapping[Any, Any]) -> Plan:
+    def compile(self, runtime_dependencies: Iterable[Depends], overrides: Mapping[Any, Any]) -> Runners:
+        """The job's plan, then the code that runs it: the pipeline runs one way.
+
+        Args:
+            runtime_dependencies: ``Runtime(dependencies=...)``, run before the job's own.
+            overrides: ``{original: replacement}`` (a runtime's ``dependency_overrides``).
+
+        Raises:
+            DependencyError: the graph is invalid (or the job's declaration was).
+        """
         if self.error is not None:
             raise self.error
-        return compile_plan(
+        plan = compile_plan(
             self.name, self.body, self.payload_names, (*runtime_dependencies, *self.dependencies), overrides
         )
+        return compile_runners(plan)
+
+    @property
+    def source(self) -> str:
+        """The Python source generated to run this job (no overrides), for debugging:
+        a traceback through it shows these lines."""
+        return self.runners.source
 
     # -- the payload ----------------------------------------------------------------------
     def bind_payload(

@@ -1,31 +1,35 @@
 """Compiling a job's dependency graph into a flat plan.
 
-A plan is the depth-first setup order with every argument already resolved to a slot,
-a job argument, the JobContext or a worker-scoped node; ``_codegen`` turns it into the
-function that runs the job, with no signature inspection per job. All graph errors are
-found here."""
+A plan is data: the depth-first setup order with every argument already resolved to a
+slot, a job argument, the JobContext or a worker-scoped node, and every graph error is
+found here. ``_codegen`` turns a plan into the function that runs the job (so nothing
+inspects a signature per job); the CLI reads it through ``Plan.inputs`` and
+``Plan.roots``. This module imports neither: the pipeline runs one way,
+analysis -> plan -> code."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
-from ._analysis import EMPTY, Kind, Param, Provider, Source, analyse, label
+from ._analysis import EMPTY, Param, Provider, Source, analyse, label
 from ._errors import DependencyError
 from ._markers import Depends
 
-if TYPE_CHECKING:
-    from ._codegen import Runner
 
-# Argument sources. A source is a pair (tag, ref).
-SLOT = 0  # ref: index of a value set up earlier in this job
-PAYLOAD = 1  # ref: name of a job argument
-CONTEXT = 2  # ref: unused
-CONST = 3  # ref: the value (a default needed to keep positional-only arguments in place)
-WORKER = 4  # ref: a WorkerNode (only inside worker nodes)
+class Arg(enum.IntEnum):
+    """Where one argument of a call comes from. A source is a pair (tag, ref)."""
 
-ArgSource = tuple[int, Any]
+    SLOT = 0  # ref: index of a value set up earlier in this job
+    PAYLOAD = 1  # ref: name of a job argument
+    CONTEXT = 2  # ref: unused
+    CONST = 3  # ref: the value (a default needed to keep positional-only arguments in place)
+    WORKER = 4  # ref: a WorkerNode (only inside worker nodes)
+
+
+ArgSource = tuple[Arg, Any]
 
 
 class Arguments:
@@ -36,6 +40,10 @@ class Arguments:
     def __init__(self, positional: tuple[ArgSource, ...] = (), keyword: tuple[tuple[str, ArgSource], ...] = ()) -> None:
         self.positional = positional
         self.keyword = keyword
+
+    def named(self) -> list[tuple[str, ArgSource]]:
+        """Every source with a name for it: the parameter's, or ``arg0``... when positional."""
+        return [(f"arg{index}", source) for index, source in enumerate(self.positional)] + list(self.keyword)
 
 
 @dataclass(eq=False, slots=True)
@@ -57,27 +65,65 @@ class Step:
     worker: WorkerNode | None = None
 
 
+class Input(NamedTuple):
+    """One argument of a call, as the CLI draws it: exactly one of ``step``,
+    ``worker``, ``argument`` and ``context`` is set (a constant default is left out)."""
+
+    param: str  # the parameter's name, ``arg0``... for a positional-only one
+    step: Step | None = None  # a value set up earlier in the job (or a worker-scoped fetch)
+    worker: WorkerNode | None = None  # another worker-scoped value (inside a worker node)
+    argument: str | None = None  # a job argument, by name
+    context: bool = False  # the JobContext
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
+    """One job's compiled graph (data only; ``_codegen.compile_runners`` makes its code).
+
+    Args:
+        job_name: the job's name.
+        job_label: the job function's ``module:qualname``.
+        body: the job function.
+        body_arguments: where each of the body's arguments comes from.
+        steps: the setups in order; ``steps[i].slot == i``.
+        exits: the job-scoped generators, in setup order (torn down in reverse).
+        guarded: some teardown can suspend, so it needs shielding and a bound.
+        needs_context: some provider or the body takes the JobContext.
+    """
+
     job_name: str
     job_label: str
     body: Provider
     body_arguments: Arguments
     steps: tuple[Step, ...]
-    exits: tuple[Provider, ...]  # the job-scoped generators, in setup order
-    guarded: bool  # some teardown can suspend, so it needs shielding and a bound
-    needs_context: bool  # some provider or the body takes the JobContext
-    run: Runner  # the generated function running one attempt (see _codegen)
-    traced: Runner  # the same, with a debug event per dependency
+    exits: tuple[Provider, ...]
+    guarded: bool
+    needs_context: bool
 
+    def inputs(self, of: Step | WorkerNode | None = None) -> list[Input]:
+        """The arguments of a step, of a worker node, or (``None``) of the job body."""
+        arguments = self.body_arguments if of is None else of.arguments
+        found = []
+        for name, (tag, ref) in arguments.named():
+            if tag == Arg.SLOT:
+                found.append(Input(name, step=self.steps[ref]))
+            elif tag == Arg.WORKER:
+                found.append(Input(name, worker=ref))
+            elif tag == Arg.PAYLOAD:
+                found.append(Input(name, argument=ref))
+            elif tag == Arg.CONTEXT:
+                found.append(Input(name, context=True))
+        return found
 
-def _suspends_in_teardown(step: Step) -> bool:
-    provider = step.provider
-    kind = provider.kind
-    return step.worker is None and (
-        (kind == Kind.ASYNC_GENERATOR and not provider.never_awaits)
-        or (kind == Kind.GENERATOR and provider.options.threaded)
-    )
+    def roots(self) -> list[Step]:
+        """The steps nobody injects: ``dependencies=[...]`` of the job or the runtime."""
+        referenced = {
+            ref
+            for arguments in (self.body_arguments, *(step.arguments for step in self.steps))
+            for _, (tag, ref) in arguments.named()
+            if tag == Arg.SLOT
+        }
+        return [step for step in self.steps if step.slot not in referenced]
 
 
 def cache_key(call: Callable[..., Any]) -> Hashable:
@@ -135,15 +181,15 @@ class _Builder:
                 node = self.worker(provider, (*path, provider.label), (*keys, key))
                 slot = self.worker_slots[key] = len(self.steps)
                 self.steps.append(Step(provider, slot, Arguments(), node))
-            return (SLOT, slot)
+            return (Arg.SLOT, slot)
         if marker.use_cache and key in self.cached:
-            return (SLOT, self.cached[key])
+            return (Arg.SLOT, self.cached[key])
         args = self.arguments(provider.params, (*path, provider.label), (*keys, key))
         slot = len(self.steps)
         self.steps.append(Step(provider, slot, args))
         if marker.use_cache:
             self.cached[key] = slot
-        return (SLOT, slot)
+        return (Arg.SLOT, slot)
 
     def arguments(self, params: Sequence[Param], path: tuple[str, ...], keys: tuple[Hashable, ...]) -> Arguments:
         positional: list[ArgSource] = []
@@ -155,9 +201,9 @@ class _Builder:
                 assert p.depends is not None
                 source = self.depend(p.depends, path, keys, p.name)
             elif p.source is Source.CONTEXT:
-                source = (CONTEXT, None)
+                source = (Arg.CONTEXT, None)
             elif p.name in self.payload:
-                source = (PAYLOAD, p.name)
+                source = (Arg.PAYLOAD, p.name)
             elif p.default is not EMPTY:
                 source = None
             else:
@@ -168,7 +214,7 @@ class _Builder:
                 )
             if p.positional_only:
                 if source is None:
-                    pending_defaults.append((CONST, p.default))
+                    pending_defaults.append((Arg.CONST, p.default))
                 else:
                     positional.extend(pending_defaults)
                     pending_defaults.clear()
@@ -197,7 +243,7 @@ class _Builder:
                         f"on job-scoped {sub.label}; make it @dependency(scope='worker') or move "
                         "the dependency to job scope"
                     )
-                source = (WORKER, self.worker(sub, (*path, sub.label), (*keys, sub_key)))
+                source = (Arg.WORKER, self.worker(sub, (*path, sub.label), (*keys, sub_key)))
             elif p.source is Source.CONTEXT:
                 raise DependencyError(
                     f"{self.where(path, p.name)}: worker-scoped {provider.label} cannot take the "
@@ -210,7 +256,7 @@ class _Builder:
                     "or make it a Depends(...)"
                 )
             if p.positional_only:
-                positional.append(source if source is not None else (CONST, p.default))
+                positional.append(source if source is not None else (Arg.CONST, p.default))
             elif source is not None:
                 keyword.append((p.name, source))
         node = WorkerNode(provider, key, Arguments(tuple(positional), tuple(keyword)))
@@ -235,8 +281,6 @@ def compile_plan(
 ) -> Plan:
     """Build the plan for one job. ``extra`` are the value-less dependencies
     (``Runtime(dependencies=...)`` first, then ``@job(dependencies=...)``)."""
-    from ._codegen import compile_runner  # it imports this module's argument tags
-
     job_label = label(body.call)
     builder = _Builder(job_name, job_label, overrides, payload)
     root = (job_label,)
@@ -254,13 +298,10 @@ def compile_plan(
     body_arguments = builder.arguments(body.params, root, keys)
     steps = tuple(builder.steps)
     exits = tuple(step.provider for step in steps if step.worker is None and step.provider.is_generator)
-    guarded = any(_suspends_in_teardown(step) for step in steps)
+    guarded = any(step.worker is None and step.provider.teardown_suspends for step in steps)
     needs_context = any(
-        tag == CONTEXT
+        tag == Arg.CONTEXT
         for arguments in (body_arguments, *(step.arguments for step in steps))
         for tag, _ in (*arguments.positional, *(source for _, source in arguments.keyword))
     )
-    run, traced = (
-        compile_runner(job_name, body, body_arguments, steps, exits, guarded, traced) for traced in (False, True)
-    )
-    return Plan(job_name, job_label, body, body_arguments, steps, exits, guarded, needs_context, run, traced)
+    return Plan(job_name, job_label, body, body_arguments, steps, exits, guarded, needs_context)

@@ -1,5 +1,8 @@
 """The Runtime: owns the worker scope and the overrides, and runs jobs (one job = one
-request), with retries and timeouts."""
+request), with retries (``_retry.RetryPolicy``) and job timeouts.
+
+The engine sees a runtime through ``_engine.Host``: the members it needs (the watchdog,
+the backend's cancel scope class, the worker-scoped values) are private here."""
 
 from __future__ import annotations
 
@@ -15,25 +18,21 @@ from typing import Any, TypeVar, overload
 import anyio
 from anyio.abc import TaskGroup
 
+from ._codegen import Runner, Runners
 from ._context import JobContext
-from ._engine import run_with_timeout
-from ._errors import DependencyError, LifecycleError, PayloadError, Reject, Retry
+from ._errors import DependencyError, JobTimeout, LifecycleError, Retry
 from ._job import Job, as_job
 from ._log import LOG, JobLog, describe, log_failure
 from ._markers import Depends
 from ._plan import Plan, WorkerNode
+from ._retry import RetryPolicy, Verdict
 from ._watchdog import Watchdog
 from ._worker_scope import WorkerScope
 
 T = TypeVar("T")
 
-_NOT_RETRIED = (Reject, PayloadError, DependencyError)
-
-
-def logger() -> Any:
-    """The library's logger: a lazy proxy, so the application's structlog
-    configuration (even one made after import) decides what is emitted."""
-    return LOG
+# ``Runtime.run`` retries at once unless ``Retry(delay)`` asks for a wait.
+_POLICY = RetryPolicy()
 
 
 def _new_id() -> str:
@@ -122,13 +121,13 @@ class Runtime:
                 raise DependencyError(f"Runtime(dependencies=...)[{index}] must be Depends(callable), got {marker!r}")
         self._overrides = Overrides()
         self._overrides.update(dependency_overrides or {})
-        self._plans: dict[Job[..., Any], tuple[int, Plan]] = {}
+        self._runners: dict[Job[..., Any], tuple[int, Runners]] = {}
         self._scope = WorkerScope(teardown_timeout)
         self._task_group: TaskGroup | None = None
-        self.watchdog: Watchdog | None = None
+        self._watchdog: Watchdog | None = None
         self._watchdog_scope: anyio.CancelScope | None = None
         # The running backend's own scope class for the per-job guard (see _engine).
-        self.scope_class: Callable[[], Any] = anyio.CancelScope
+        self._scope_class: Callable[[], Any] = anyio.CancelScope
         self._open = False
 
     # -- overrides ----------------------------------------------------------------------
@@ -159,17 +158,26 @@ class Runtime:
                 overrides.pop(original, None)
 
     def plan(self, fn: Callable[..., Any]) -> Plan:
-        """The compiled plan ``fn`` runs with here (after overrides and runtime deps)."""
-        job = as_job(fn)
+        """The compiled plan ``fn`` runs with here (after overrides and runtime deps).
+
+        Args:
+            fn: a ``@job`` or any callable ``run`` accepts.
+
+        Raises:
+            DependencyError: the graph is invalid with this runtime's overrides.
+        """
+        return self._compiled(as_job(fn)).plan
+
+    def _compiled(self, job: Job[..., Any]) -> Runners:
         if not self._overrides and not self.dependencies and job.error is None:
-            return job.plan  # compiled at decoration; nothing here changes it
+            return job.runners  # compiled at decoration; nothing here changes it
         version = self._overrides.version
-        cached = self._plans.get(job)
+        cached = self._runners.get(job)
         if cached is not None and cached[0] == version:
             return cached[1]
-        plan = job.compile(self.dependencies, self._overrides)
-        self._plans[job] = (version, plan)
-        return plan
+        runners = job.compile(self.dependencies, self._overrides)
+        self._runners[job] = (version, runners)
+        return runners
 
     # -- lifetime -----------------------------------------------------------------------
     async def __aenter__(self) -> Runtime:
@@ -177,13 +185,13 @@ class Runtime:
             raise LifecycleError("this Runtime is already open")
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
-        self.scope_class = _native_scope_class()
+        self._scope_class = _native_scope_class()
         self._scope = WorkerScope(self.teardown_timeout)
         self._scope.attach(self._task_group)
         if self.teardown_timeout is not None:
-            self.watchdog = Watchdog(self.teardown_timeout)
+            self._watchdog = Watchdog(self.teardown_timeout)
             self._watchdog_scope = anyio.CancelScope()
-            self._task_group.start_soon(self._run_watchdog, self.watchdog, self._watchdog_scope)
+            self._task_group.start_soon(self._run_watchdog, self._watchdog, self._watchdog_scope)
         self._open = True
         return self
 
@@ -198,12 +206,12 @@ class Runtime:
         self._open = False
         task_group, self._task_group = self._task_group, None
         try:
-            errors = await self._scope.close(logger())
+            errors = await self._scope.close(LOG)
         finally:
             if self._watchdog_scope is not None:
                 self._watchdog_scope.cancel()
                 self._watchdog_scope = None
-            self.watchdog = None
+            self._watchdog = None
             # The host tasks have all finished by now. Exit the group without the
             # caller's exception so that it propagates as itself, not in a group.
             assert task_group is not None
@@ -215,12 +223,14 @@ class Runtime:
             raise BaseExceptionGroup("teardown of worker-scoped dependencies failed", errors)
         return None
 
+    # -- for the engine (see _engine.Host) and the worker's warm-up -----------------------
     @property
-    def worker_values(self) -> dict[Hashable, Any]:
+    def _worker_values(self) -> dict[Hashable, Any]:
         """The worker-scoped values created so far, by node key (read per job)."""
         return self._scope.values
 
-    async def worker_value(self, node: WorkerNode, log: Any) -> Any:
+    async def _worker_value(self, node: WorkerNode, log: Any) -> Any:
+        """The node's value, created on first use (exactly once)."""
         return await self._scope.get(node, log)
 
     # -- running ------------------------------------------------------------------------
@@ -230,25 +240,33 @@ class Runtime:
     async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T: ...
 
     async def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Run one job to completion, retrying while its ``@job(retries=...)`` allow."""
+        """Run one job to completion, retrying while its ``@job(retries=...)`` allow.
+
+        Args:
+            fn: a ``@job``, or any callable with ``Depends`` parameters (sync or async).
+            args: the job's positional payload arguments.
+            kwargs: the job's payload arguments by name.
+
+        Raises:
+            PayloadError: the arguments do not fit the job (nothing was set up).
+            Exception: the last attempt's error; ``Reject`` and graph errors at once.
+        """
         job = as_job(fn)
         payload, extras = job.bind_payload(args, kwargs)
-        plan = self.plan(job)
+        runners = self._compiled(job)
         job_id = _new_id()
         attempt = 1
         while True:
             try:
-                return await self._attempt(job, plan, payload, extras, job_id, attempt)
-            except _NOT_RETRIED as exc:
-                _log_failure(job, job_id, attempt, exc)
-                raise
-            except Exception as exc:
-                if attempt > job.retries:
-                    if isinstance(exc, Retry):
-                        used_up = f"no attempts left ({attempt} of {job.retries + 1})"
+                return await self._attempt(job, runners, payload, extras, job_id, attempt)
+            except BaseException as exc:
+                verdict, delay = _POLICY.decide(exc, attempt, job.retries)
+                if verdict != Verdict.RETRY:
+                    if verdict == Verdict.EXHAUSTED and isinstance(exc, Retry):
+                        used_up = _POLICY.used_up(attempt, job.retries)
                         exc.add_note(f"lifecycle: job {job.name!r} asked to retry but has {used_up}")
                         # A deliberate outcome: one line, no traceback.
-                        logger().error(
+                        LOG.error(
                             "job.failed",
                             job=job.name,
                             job_id=job_id,
@@ -258,8 +276,7 @@ class Runtime:
                     else:
                         _log_failure(job, job_id, attempt, exc)
                     raise
-                delay = exc.delay if isinstance(exc, Retry) else None
-                logger().warning(
+                LOG.warning(
                     "job.retrying",
                     job=job.name,
                     job_id=job_id,
@@ -267,13 +284,10 @@ class Runtime:
                     delay=delay,
                     error=describe(exc),
                 )
-            except BaseException as exc:
-                _log_failure(job, job_id, attempt, exc)
-                raise
             if delay:
                 await anyio.sleep(delay)
             attempt += 1
-            plan = self.plan(job)
+            runners = self._compiled(job)
 
     async def run_attempt(
         self,
@@ -283,17 +297,24 @@ class Runtime:
         *,
         job_id: str | None = None,
         attempt: int = 1,
-        plan: Plan | None = None,
     ) -> Any:
         """Run exactly one attempt of an already-bound payload; for queue workers, which
-        own the retry policy (and so the failure logging) themselves."""
+        own the retry policy (and so the failure logging) themselves.
+
+        Args:
+            fn: the job.
+            payload: the validated arguments by name (``Job.bind_payload``).
+            extras: the arguments only a ``**kwargs`` parameter takes, or None.
+            job_id: the job's id (a message id); None: a fresh random one.
+            attempt: the attempt's number, from 1.
+        """
         job = as_job(fn)
-        return await self._attempt(job, plan or self.plan(job), payload, extras, job_id or _new_id(), attempt)
+        return await self._attempt(job, self._compiled(job), payload, extras, job_id or _new_id(), attempt)
 
     async def _attempt(
         self,
         job: Job[..., Any],
-        plan: Plan,
+        runners: Runners,
         payload: dict[str, Any],
         extras: dict[str, Any] | None,
         job_id: str,
@@ -303,19 +324,19 @@ class Runtime:
             raise LifecycleError("the Runtime is not open; use `async with Runtime() as rt:`")
         log = JobLog(job.name, job_id, attempt)
         ctx = None
-        if plan.needs_context:
+        if runners.plan.needs_context:
             ctx = JobContext(job_id, job.name, attempt, MappingProxyType(payload))
             ctx._log = log
         started = time.perf_counter() if log.info_enabled else 0.0
         if log.debug_enabled:
             log.debug("job.started")
-            runner = plan.traced  # with a debug event per dependency
+            runner = runners.traced  # with a debug event per dependency
         else:
-            runner = plan.run
+            runner = runners.run
         if job.timeout is None:
             result = await runner(payload, extras, ctx, self, log)
         else:
-            result = await run_with_timeout(plan, runner, payload, extras, ctx, self, log, job.timeout, attempt)
+            result = await _run_with_timeout(job, runner, payload, extras, ctx, self, log, attempt)
         if log.info_enabled:
             log.info("job.succeeded", duration_ms=round((time.perf_counter() - started) * 1000, 3))
         return result
@@ -334,7 +355,41 @@ class Runtime:
 def _log_failure(job: Job[..., Any], job_id: str, attempt: int, exc: BaseException) -> None:
     # job.cancelled / job.rejected / job.timed_out in one line, job.failed with the
     # traceback only for an unexpected error (see _log.log_failure).
-    log_failure(logger(), exc, job=job.name, job_id=job_id, attempt=attempt)
+    log_failure(LOG, exc, job=job.name, job_id=job_id, attempt=attempt)
+
+
+async def _run_with_timeout(
+    job: Job[..., Any],
+    runner: Runner,
+    payload: dict[str, Any],
+    extras: dict[str, Any] | None,
+    ctx: Any,
+    host: Runtime,
+    log: Any,
+    attempt: int,
+) -> Any:
+    """Run one attempt under the job's timeout (the runner does the rest).
+
+    The timeout bounds the whole attempt, teardown included. A runner that returns
+    after the deadline (it passed in code no cancellation reaches: a threaded teardown,
+    any teardown once shielded by rule 6, sync code blocking the loop) has its result
+    discarded and fails with ``JobTimeout`` too: the job did not finish in time, and a
+    queue worker acknowledges a message only after the whole teardown anyway."""
+    timeout = job.timeout
+    assert timeout is not None
+    deadline = anyio.current_time() + timeout
+    with anyio.CancelScope(deadline=deadline):
+        result = await runner(payload, extras, ctx, host, log)
+        late = anyio.current_time() - deadline
+        if late < 0:
+            return result
+        message = (
+            f"job {job.name!r} ({job.body.label}) timed out after {timeout}s (attempt {attempt}): "
+            f"it finished {late:.3f}s after its deadline, in code the timeout could not interrupt "
+            "(a worker thread, or a teardown, which is shielded); its result is discarded"
+        )
+        raise JobTimeout(message)
+    raise JobTimeout(f"job {job.name!r} ({job.body.label}) timed out after {timeout}s (attempt {attempt})")
 
 
 @overload

@@ -9,8 +9,10 @@ shared timeout, so a new deadline is never earlier than one already set: the wat
 can sleep until the earliest deadline it saw and never wake late. When a deadline
 passes it removes it and cancels that guard; the job sees its guard gone from
 ``deadlines`` (only the watchdog removes an armed guard before the job's teardown
-ends) and reports the overrun. The generated teardown restarts the clock by writing
-``deadlines[guard]`` itself after the first ``arm``."""
+ends) and reports the overrun.
+
+This class is the whole protocol: ``arm``, ``restart``, ``fired`` and ``disarm`` are
+all the engine's teardown loop and the generated code ever call."""
 
 from __future__ import annotations
 
@@ -21,29 +23,43 @@ import anyio
 
 
 class Watchdog:
+    """Bounds every suspending teardown of one runtime's jobs by ``timeout`` seconds.
+
+    Args:
+        timeout: the runtime's ``teardown_timeout``, in seconds, per teardown.
+    """
+
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self.deadlines: dict[Any, float] = {}  # guard cancel scope -> monotonic deadline
+        self._deadlines: dict[Any, float] = {}  # guard cancel scope -> monotonic deadline
         self._wakeup: anyio.Event | None = None
         self._first = 0.0  # the deadline that woke the idle watchdog
 
     def arm(self, guard: Any) -> None:
         """Start, or restart, the clock for the teardown now running under ``guard``."""
-        deadline = self.deadlines[guard] = time.monotonic() + self.timeout
+        deadline = self._deadlines[guard] = time.monotonic() + self.timeout
         if self._wakeup is not None:
             self._first = deadline
             self._wakeup.set()
             self._wakeup = None
 
+    def restart(self, guard: Any) -> None:
+        """Restart the clock of a ``guard`` armed earlier in the same teardown (and not
+        fired): ``arm`` without its wake-up check, for the next suspending teardown. An
+        earlier deadline is already set, so the watchdog is on a timer, not asleep."""
+        self._deadlines[guard] = time.monotonic() + self.timeout
+
     def fired(self, guard: Any) -> bool:
         """Whether the armed ``guard`` overran (and was cancelled)."""
-        return guard not in self.deadlines
+        return guard not in self._deadlines
 
     def disarm(self, guard: Any) -> None:
-        self.deadlines.pop(guard, None)
+        """Stop the clock of ``guard``: its job's teardown has ended."""
+        self._deadlines.pop(guard, None)
 
     async def run(self) -> None:
-        deadlines = self.deadlines
+        """Cancel each guard whose deadline passed, until cancelled itself."""
+        deadlines = self._deadlines
         while True:
             if deadlines:
                 now = time.monotonic()

@@ -26,22 +26,17 @@ import anyio
 from anyio import CancelScope
 from anyio.abc import TaskGroup
 
-from ._errors import DependencyError, LifecycleError, PayloadError, Reject, Retry
+from ._errors import LifecycleError, PayloadError, StartupError
 from ._job import Job, as_job
-from ._log import describe, redact, traceback_text
+from ._log import LOG, describe, redact, traceback_text
 from ._markers import Depends
-from ._runtime import Runtime, logger
+from ._retry import RetryPolicy, Verdict
+from ._runtime import Runtime
 from .queues._base import BrokerUnavailable, Delivery, Queue
 
 # A settle or release that cannot reach the broker during shutdown gives up after this
 # long: the message then stays with the broker and is redelivered, never lost.
 _SHUTDOWN_SETTLE_TIMEOUT = 10.0
-
-
-class StartupError(LifecycleError):
-    """A worker could not start: its queue is misconfigured (address, credentials,
-    permissions), or a worker-scoped dependency failed to set up. An unreachable broker
-    is not a reason: the worker waits for it."""
 
 
 class _Broker:
@@ -63,13 +58,13 @@ class _Broker:
         if self.down_since is None:
             self.down_since = time.monotonic()
             self.outages += 1
-            logger().warning("worker.broker_unavailable", operation=operation, error=describe(exc))
+            LOG.warning("worker.broker_unavailable", operation=operation, error=describe(exc))
 
     def recovered(self) -> None:
         if self.down_since is not None:
             downtime = time.monotonic() - self.down_since
             self.down_since = None
-            logger().info("worker.broker_recovered", downtime_s=round(downtime, 3))
+            LOG.info("worker.broker_recovered", downtime_s=round(downtime, 3))
 
 
 class Worker:
@@ -145,6 +140,7 @@ class Worker:
         self.shutdown_grace = shutdown_grace
         self.retry_backoff = retry_backoff
         self.retry_backoff_max = retry_backoff_max
+        self._retry = RetryPolicy(retry_backoff, retry_backoff_max)
         self.max_deliveries = max_deliveries
         self.poll_interval = poll_interval
         self.heartbeat_interval = heartbeat_interval
@@ -212,7 +208,7 @@ class Worker:
             self._lost.clear()
 
     async def _run(self) -> None:
-        log = logger()
+        log = LOG
         async with self.runtime as rt:
             with CancelScope() as self._interruptible:
                 if self._stopping:
@@ -253,7 +249,7 @@ class Worker:
                 if step.worker is None:
                     continue
                 try:
-                    await rt.worker_value(step.worker, logger())
+                    await rt._worker_value(step.worker, LOG)
                 except Exception as exc:
                     raise StartupError(
                         f"worker could not start: worker-scoped dependency {step.provider.label} of job "
@@ -307,7 +303,7 @@ class Worker:
                     # exits over the broker. Wait and read again.
                     self._broker.failed("receive", exc)
                     if not isinstance(exc, BrokerUnavailable):
-                        logger().error("worker.receive_failed", error=describe(exc))
+                        LOG.error("worker.receive_failed", error=describe(exc))
                     await anyio.sleep(self._broker.delay(failures))
                     failures += 1
                 else:
@@ -324,7 +320,7 @@ class Worker:
             self._slot_free = None
 
     async def _drain(self, jobs: TaskGroup) -> None:
-        log = logger()
+        log = LOG
         if self._in_flight:
             log.info("worker.draining", in_flight=len(self._in_flight), grace=self.shutdown_grace)
             with anyio.move_on_after(self.shutdown_grace):
@@ -349,7 +345,7 @@ class Worker:
             except Exception as exc:
                 self._broker.failed("renew", exc)
                 if not isinstance(exc, BrokerUnavailable):
-                    logger().error("worker.renew_failed", error=describe(exc))
+                    LOG.error("worker.renew_failed", error=describe(exc))
                 continue
             self._broker.recovered()
             for key in lost:
@@ -365,7 +361,7 @@ class Worker:
             # message was not settled, so the queue delivers it again; one failure must
             # not take the other jobs down.
             self.stats["settle_failed"] += 1
-            logger().error("worker.settle_failed", job=delivery.job, job_id=delivery.id, error=describe(exc))
+            LOG.error("worker.settle_failed", job=delivery.job, job_id=delivery.id, error=describe(exc))
         finally:
             self._in_flight.pop(delivery.id, None)
             self._lost.discard(delivery.id)
@@ -397,7 +393,7 @@ class Worker:
             return
         self._lost.add(delivery.id)
         self.stats["lease_lost"] += 1
-        logger().warning("worker.lease_lost", job=delivery.job, job_id=delivery.id, hint=hint)
+        LOG.warning("worker.lease_lost", job=delivery.job, job_id=delivery.id, hint=hint)
 
     async def _process(self, delivery: Delivery) -> None:
         if delivery.malformed is not None:
@@ -431,19 +427,15 @@ class Worker:
         except anyio.get_cancelled_exc_class():
             await self._release(delivery)
             raise
-        except Reject as exc:
-            await self._dead(delivery, "rejected", exc)
-        except (DependencyError, PayloadError) as exc:
-            await self._dead(delivery, "error", exc)
         except Exception as exc:
-            if delivery.attempt > job.retries:
-                await self._dead(delivery, "failed", exc)
+            verdict, given = self._retry.decide(exc, delivery.attempt, job.retries)
+            if verdict != Verdict.RETRY:
+                reason = {Verdict.REJECTED: "rejected", Verdict.BROKEN: "error"}.get(verdict, "failed")
+                await self._dead(delivery, reason, exc)
                 return
-            delay: float = (
-                exc.delay if isinstance(exc, Retry) and exc.delay is not None else self.backoff(delivery.attempt)
-            )
+            delay = given if given is not None else 0.0  # the policy has a backoff: always given
             error = describe(exc)
-            logger().warning(
+            LOG.warning(
                 "job.retrying",
                 job=job.name,
                 job_id=delivery.id,
@@ -465,15 +457,14 @@ class Worker:
             try:
                 released = await self._settle(delivery, "release", lambda: self.queue.release(delivery))
             except Exception as exc:
-                logger().error("worker.release_failed", job=delivery.job, job_id=delivery.id, error=describe(exc))
+                LOG.error("worker.release_failed", job=delivery.job, job_id=delivery.id, error=describe(exc))
             else:
                 if released:
                     self.stats["released"] += 1
 
     def backoff(self, attempt: int) -> float:
         """Exponential backoff with jitter: between half and all of base * 2**(attempt-1)."""
-        ceiling = min(self.retry_backoff_max, self.retry_backoff * 2.0 ** (attempt - 1))
-        return ceiling * random.uniform(0.5, 1.0)
+        return self._retry.delay(attempt)
 
     async def _dead(self, delivery: Delivery, reason: str, error: BaseException | str) -> None:
         if isinstance(error, BaseException):
@@ -498,7 +489,7 @@ class Worker:
         }
         if isinstance(error, PayloadError) and error.errors:
             record["errors"] = error.errors  # each problem with its location, as data
-        logger().error(
+        LOG.error(
             "job.dead_lettered",
             job=delivery.job,
             job_id=delivery.id,

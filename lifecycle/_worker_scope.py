@@ -28,7 +28,7 @@ import anyio
 from anyio import CancelScope
 from anyio.abc import TaskGroup
 
-from ._analysis import Kind, Provider
+from ._analysis import Provider, Setup
 from ._engine import (
     WORKER_SCOPE,
     call_threaded,
@@ -39,7 +39,7 @@ from ._engine import (
     teardown_timeout_error,
 )
 from ._log import describe, traceback_text
-from ._plan import CONST, WORKER, WorkerNode
+from ._plan import Arg, WorkerNode
 
 Closer = Callable[[], Awaitable[None]]
 
@@ -85,10 +85,10 @@ class WorkerScope:
             )
             return value
 
-    async def _arg(self, tag: int, ref: Any, log: Any) -> Any:
-        if tag == WORKER:
+    async def _arg(self, tag: Arg, ref: Any, log: Any) -> Any:
+        if tag == Arg.WORKER:
             return await self.get(ref, log)
-        assert tag == CONST
+        assert tag == Arg.CONST
         return ref
 
     def _check_open(self, provider: Provider) -> None:
@@ -96,16 +96,16 @@ class WorkerScope:
             raise RuntimeError(f"the runtime closed while worker-scoped dependency {provider.label} was being set up")
 
     async def _create(self, provider: Provider, args: list[Any], kwargs: dict[str, Any], key: Hashable) -> Any:
-        kind = provider.kind
+        setup = provider.setup
         call = provider.call
         self._check_open(provider)
-        if kind == Kind.COROUTINE:
+        if setup == Setup.AWAIT:
             return await call(*args, **kwargs)
-        if kind == Kind.FUNCTION:
-            if provider.options.threaded:
-                return await call_threaded(call, args, kwargs)
+        if setup == Setup.THREAD:
+            return await call_threaded(call, args, kwargs)
+        if setup == Setup.CALL:
             return call(*args, **kwargs)
-        if kind == Kind.ASYNC_GENERATOR:
+        if setup == Setup.ENTER_ASYNC:
             if self._task_group is None:
                 raise RuntimeError("the runtime is not open")
             return await self._create_async_generator(provider, args, kwargs, key)
@@ -142,7 +142,7 @@ class WorkerScope:
 
     async def _create_sync_generator(self, provider: Provider, args: list[Any], kwargs: dict[str, Any]) -> Any:
         ticket: list[int] = []
-        if provider.options.threaded:
+        if provider.threaded:
             # The ticket is taken in the worker thread as the generator reaches its
             # yield; the task that waits for the thread may wake up later than others.
             provider = dataclasses.replace(provider, call=_stamping(provider.call, self._tickets, ticket))

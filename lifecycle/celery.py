@@ -47,6 +47,7 @@ from ._errors import LifecycleError, Reject, Retry
 from ._job import Job
 from ._log import LOG, describe, traceback_text
 from ._markers import Depends
+from ._retry import RetryPolicy, Verdict
 from ._runtime import Runtime
 
 T = TypeVar("T")
@@ -616,18 +617,24 @@ class CeleryLifecycle:
         try:
             return self.process_runtime().run(attempt_job)
         except Retry as exc:
-            if attempt > job.retries:
+            verdict, delay = _POLICY.decide(exc, attempt, job.retries)
+            if verdict == Verdict.EXHAUSTED:
                 # Celery would re-raise the Retry itself, which reaches the client as
                 # "retry requested (delay=...)": say that the attempts are used up, and
                 # name the cause (only the message crosses the result backend).
                 raise LifecycleError(_retries_exhausted(job, attempt, exc)) from exc
-            raise task.retry(exc=exc, countdown=exc.delay, max_retries=job.retries) from exc
+            raise task.retry(exc=exc, countdown=delay, max_retries=job.retries) from exc
         except Reject as exc:
             raise CeleryReject(exc.reason, requeue=False) from exc
         except _ProcessClosed as exc:
             # Nothing ran, or the shutdown cancelled the job after which its teardown ran:
             # give the message back to the broker for another worker (at-least-once).
             raise CeleryReject(f"task {job.name!r}: {exc}; requeued", requeue=True) from exc
+
+
+# Under Celery only ``Retry`` retries (any other error fails the task, as Celery does);
+# with no delay of its own, ``Retry()`` leaves the countdown to Celery's default.
+_POLICY = RetryPolicy()
 
 
 def _retries_exhausted(job: Job[..., Any], attempt: int, exc: Retry) -> str:

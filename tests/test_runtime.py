@@ -510,4 +510,4 @@ async def test_tracebacks_through_the_generated_plan_function_show_its_source() 
             await rt.run(fails)
     text = "".join(traceback.format_exception(info.value))
     assert "lifecycle plan" in text and "for job 'fails'" in text
-    assert "result = await body(d=v0)" in text  # the generated line, from linecache
+    assert "result = await fails(d=d)" in text  # the generated line, from linecache

@@ -459,7 +459,7 @@ def test_queue_from_url_errors_mask_the_password() -> None:
         queue_from_url("redis://user:hunter22@127.0.0.1/0?claim_idle=later")
     assert "hunter22" not in str(caught.value) and "user:***@" in str(caught.value)
     with pytest.raises(ValueError) as unknown:
-        queue_from_url("amqp://guest:hunter22@127.0.0.1//")
+        queue_from_url("pigeon://guest:hunter22@127.0.0.1//")  # an unknown scheme
     assert "hunter22" not in str(unknown.value)
     with pytest.raises(TypeError, match="must be a string"):
         queue_from_url(42)  # type: ignore[arg-type]

@@ -22,10 +22,11 @@ from typing import Any, BinaryIO
 
 import anyio
 
+from .._errors import StartupError
 from .._job import Job
 from .._log import traceback_text
 from .._runtime import Runtime
-from .._worker import StartupError, Worker
+from .._worker import Worker
 from ._logs import STATUS, describe, redact
 from ._signals import EXIT_INTERRUPTED, SIGNALS, log
 

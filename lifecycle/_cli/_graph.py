@@ -8,7 +8,7 @@ from typing import Any
 
 from .._analysis import EMPTY, Kind, Provider
 from .._job import Job
-from .._plan import CONTEXT, PAYLOAD, SLOT, WORKER, Arguments, Plan, WorkerNode
+from .._plan import Input, Plan, Step, WorkerNode
 
 KIND_NAMES = {
     Kind.FUNCTION: "sync function",
@@ -29,62 +29,45 @@ class Node:
 
 
 def _describe(provider: Provider, scope: str) -> str:
-    threaded = provider.kind in (Kind.FUNCTION, Kind.GENERATOR) and provider.options.threaded
-    return f"{scope} scope, {KIND_NAMES[provider.kind]}" + (", in a thread" if threaded else "")
+    return f"{scope} scope, {KIND_NAMES[provider.kind]}" + (", in a thread" if provider.threaded else "")
 
 
 def build_tree(plan: Plan) -> Node:
     seen: set[str] = set()
-
-    def arguments(args: Arguments) -> list[tuple[str, tuple[int, Any]]]:
-        return [(f"arg{i}", src) for i, src in enumerate(args.positional)] + list(args.keyword)
 
     def worker_node(node: WorkerNode, edge: str) -> Node:
         key = f"w:{node.provider.label}"
         out = Node(key, node.provider.label, _describe(node.provider, "worker"), edge, repeat=key in seen)
         if not out.repeat:
             seen.add(key)
-            for name, (tag, ref) in arguments(node.arguments):
-                if tag == WORKER:
-                    out.children.append(worker_node(ref, name))
+            out.children = [worker_node(found.worker, found.param) for found in plan.inputs(node) if found.worker]
         return out
 
-    def step_node(slot: int, edge: str) -> Node:
-        step = plan.steps[slot]
+    def step_node(step: Step, edge: str) -> Node:
         if step.worker is not None:
             return worker_node(step.worker, edge)
-        key = f"s:{slot}"
+        key = f"s:{step.slot}"
         out = Node(key, step.provider.label, _describe(step.provider, "job"), edge, repeat=key in seen)
         if not out.repeat:
             seen.add(key)
-            out.children = children(step.arguments)
+            out.children = children(plan.inputs(step))
         return out
 
-    def children(args: Arguments) -> list[Node]:
+    def children(inputs: list[Input]) -> list[Node]:
         found = []
-        for name, (tag, ref) in arguments(args):
-            if tag == SLOT:
-                found.append(step_node(ref, name))
-            elif tag == PAYLOAD:
-                found.append(Node(f"a:{ref}", ref, "job argument", name))
-            elif tag == CONTEXT:
-                found.append(Node("ctx", "JobContext", "injected", name))
+        for each in inputs:
+            if each.step is not None:
+                found.append(step_node(each.step, each.param))
+            elif each.argument is not None:
+                found.append(Node(f"a:{each.argument}", each.argument, "job argument", each.param))
+            elif each.context:
+                found.append(Node("ctx", "JobContext", "injected", each.param))
         return found
 
     root = Node("job", plan.job_name, f"job {plan.job_label}", "")
-    used = {ref for _, (tag, ref) in arguments(plan.body_arguments) if tag == SLOT}
-    root.children = [step_node(step.slot, "dependencies=[...]") for step in _extra_steps(plan, used)]
-    root.children += children(plan.body_arguments)
+    root.children = [step_node(step, "dependencies=[...]") for step in plan.roots()]
+    root.children += children(plan.inputs())
     return root
-
-
-def _extra_steps(plan: Plan, used: set[int]) -> list[Any]:
-    """Top-level steps nobody injects: ``dependencies=[...]`` of the job or runtime."""
-    referenced = set(used)
-    for step in plan.steps:
-        referenced.update(ref for _, (tag, ref) in step.arguments.keyword if tag == SLOT)
-        referenced.update(ref for tag, ref in step.arguments.positional if tag == SLOT)
-    return [step for step in plan.steps if step.slot not in referenced]
 
 
 def render_tree(root: Node) -> str:
