@@ -594,7 +594,13 @@ class CeleryLifecycle:
                 for attr, _ in _DELIVERY_OPTIONS
                 if (value := options.get(attr, getattr(base, attr, None))) is not None
             }
-            task_options = {"max_retries": retries, **options, "name": name, "bind": True}
+            task_options = {
+                "max_retries": retries,
+                **options,
+                "name": name,
+                "bind": True,
+                "base": _validating_base(job, base or self.app.Task),
+            }
             registered = self.app.task(**task_options)(run)
             if self.app.finalized:  # bound already: no on_after_finalize to wait for
                 self._apply_delivery_defaults(name)
@@ -630,6 +636,25 @@ class CeleryLifecycle:
             # Nothing ran, or the shutdown cancelled the job after which its teardown ran:
             # give the message back to the broker for another worker (at-least-once).
             raise CeleryReject(f"task {job.name!r}: {exc}; requeued", requeue=True) from exc
+
+
+def _validating_base(job: Job[..., Any], base: type) -> type:
+    """A task class whose ``apply_async`` (and so ``delay``, and Celery's own retries)
+    validates the payload against the job's model before anything is sent, and sends it
+    by name in pydantic's JSON mode, so dates, UUIDs and models cross the broker and come
+    back converted. A bad payload raises ``PayloadError`` in the producer; it never
+    reaches a worker."""
+    names = [param.name for param in job.params if param.kind is not inspect.Parameter.VAR_KEYWORD]
+
+    class ValidatingTask(base):  # type: ignore[misc]
+        def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:
+            given, by_name = tuple(args or ()), dict(kwargs or {})
+            job.bind_payload(given, by_name)  # every problem at once: missing, unexpected, doubled, invalid
+            payload = job.dump_payload({**dict(zip(names, given, strict=False)), **by_name})
+            return super().apply_async((), payload, *rest, **options)
+
+    ValidatingTask.__name__ = ValidatingTask.__qualname__ = f"Validating{getattr(base, '__name__', 'Task')}"
+    return ValidatingTask
 
 
 # Under Celery only ``Retry`` retries (any other error fails the task, as Celery does);

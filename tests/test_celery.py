@@ -778,3 +778,38 @@ def test_an_unconfigured_prefork_worker_prints_no_lifecycle_lines_and_used_up_re
     # redirected as WARNING/ForkPoolWorker lines.
     for noise in ("job.started", "job.succeeded", "dependency.setup", "dependency.teardown", "WARNING/ForkPoolWorker"):
         assert noise not in text, text
+
+
+def test_delay_validates_the_payload_in_the_producer_and_sends_its_json_form(anyio_backend: str) -> None:
+    import datetime
+
+    from lifecycle import PayloadError
+
+    app = lifecycle_app(task_always_eager=True)
+    lc = CeleryLifecycle(app, backend=anyio_backend, teardown_timeout=5)
+    seen: list[Any] = []
+
+    @lc.task(name="schedule", shared=False)
+    async def schedule(day: datetime.date, times: int = 1) -> str:
+        seen.append((day, times))
+        return f"{day.isoformat()} x{times}"
+
+    sent: list[dict[str, Any]] = []
+    original = app.tasks["schedule"].apply
+
+    def spy(args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        sent.append({"args": args, "kwargs": kwargs})
+        return original(args, kwargs, **options)
+
+    app.tasks["schedule"].apply = spy  # eager apply_async ends in apply: see what crosses
+    try:
+        with pytest.raises(PayloadError, match="times") as bad:
+            schedule.delay(day="2026-11-23", times="many")
+        assert bad.value.job == "schedule" and not seen and not sent  # nothing was sent
+        with pytest.raises(PayloadError, match="missing"):
+            schedule.apply_async(kwargs={})
+        assert schedule.delay(datetime.date(2026, 11, 23), times=2).get() == "2026-11-23 x2"
+    finally:
+        lc.shutdown()
+    assert sent == [{"args": [], "kwargs": {"day": "2026-11-23", "times": 2}}]  # by name, JSON form
+    assert seen == [(datetime.date(2026, 11, 23), 2)]  # converted back in the worker
