@@ -5,6 +5,7 @@ in reverse order, with per-job and per-worker scopes."""
 
 from ._context import JobContext
 from ._errors import (
+    CommitFailed,
     DependencyError,
     JobTimeout,
     LifecycleError,
@@ -22,6 +23,7 @@ from ._worker import Worker
 __version__ = "0.1.0"
 
 __all__ = [
+    "CommitFailed",
     "DependencyError",
     "Depends",
     "Job",
@@ -43,6 +45,7 @@ __all__ = [
 # Public objects report their public path: a traceback says lifecycle.DependencyError,
 # a dead letter records lifecycle.Reject, help() shows lifecycle.Runtime.
 for _public in (
+    CommitFailed,
     DependencyError,
     Depends,
     Job,

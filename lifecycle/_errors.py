@@ -31,6 +31,14 @@ class PayloadError(LifecycleError):
         self.errors = list(errors)
 
 
+class CommitFailed(LifecycleError):
+    """Raised by a queue's ``ack``: the job succeeded, but the transaction holding its
+    own writes could not commit together with the acknowledgement (``PostgresQueue``'s
+    ``transaction``: a deferred constraint, a serialization failure, a lost
+    connection), so those writes were rolled back. The message is still the consumer's,
+    and the worker treats the job as failed: retried with backoff, or dead-lettered."""
+
+
 class JobTimeout(LifecycleError):
     """A job overran its ``@job(timeout=...)``."""
 

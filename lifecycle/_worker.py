@@ -26,7 +26,7 @@ import anyio
 from anyio import CancelScope
 from anyio.abc import TaskGroup
 
-from ._errors import LifecycleError, PayloadError, StartupError
+from ._errors import CommitFailed, LifecycleError, PayloadError, StartupError
 from ._job import Job, as_job
 from ._log import LOG, describe, redact, traceback_text
 from ._markers import Depends
@@ -428,26 +428,37 @@ class Worker:
             await self._release(delivery)
             raise
         except Exception as exc:
-            verdict, given = self._retry.decide(exc, delivery.attempt, job.retries)
-            if verdict != Verdict.RETRY:
-                reason = {Verdict.REJECTED: "rejected", Verdict.BROKEN: "error"}.get(verdict, "failed")
-                await self._dead(delivery, reason, exc)
-                return
-            delay = given if given is not None else 0.0  # the policy has a backoff: always given
-            error = describe(exc)
-            LOG.warning(
-                "job.retrying",
-                job=job.name,
-                job_id=delivery.id,
-                attempt=delivery.attempt,
-                delay=round(delay, 3),
-                error=error,
-            )
-            if await self._settle(delivery, "retry", lambda: self.queue.retry(delivery, delay, error)):
-                self.stats["retried"] += 1
+            await self._failed(job, delivery, exc)
         else:
-            if await self._settle(delivery, "ack", lambda: self.queue.ack(delivery)):
-                self.stats["succeeded"] += 1
+            try:
+                acked = await self._settle(delivery, "ack", lambda: self.queue.ack(delivery))
+            except CommitFailed as exc:
+                # The job's own transaction could not commit with the ack (see
+                # PostgresQueue.transaction): its writes are gone, so the job failed.
+                await self._failed(job, delivery, exc)
+            else:
+                if acked:
+                    self.stats["succeeded"] += 1
+
+    async def _failed(self, job: Job[..., Any], delivery: Delivery, exc: Exception) -> None:
+        """Retry the message with backoff, or dead-letter it, as the retry policy says."""
+        verdict, given = self._retry.decide(exc, delivery.attempt, job.retries)
+        if verdict != Verdict.RETRY:
+            reason = {Verdict.REJECTED: "rejected", Verdict.BROKEN: "error"}.get(verdict, "failed")
+            await self._dead(delivery, reason, exc)
+            return
+        delay = given if given is not None else 0.0  # the policy has a backoff: always given
+        error = describe(exc)
+        LOG.warning(
+            "job.retrying",
+            job=job.name,
+            job_id=delivery.id,
+            attempt=delivery.attempt,
+            delay=round(delay, 3),
+            error=error,
+        )
+        if await self._settle(delivery, "retry", lambda: self.queue.retry(delivery, delay, error)):
+            self.stats["retried"] += 1
 
     async def _release(self, delivery: Delivery) -> None:
         """The job was cancelled (shutdown): give the message back without using up an

@@ -402,14 +402,11 @@ async def test_a_failing_outer_teardown_rolls_the_jobs_writes_back(table: str) -
         await queue.close()
 
 
-async def test_a_commit_that_fails_redelivers_instead_of_retrying_the_limitation(table: str) -> None:
-    """The limitation, shown honestly: a commit refused by the server (here a deferred
-    constraint) is found by the ack, after the worker already counted the job as a
-    success. The queue can only roll back and put the message back (a delivery counted)
-    and raise; the worker logs ``worker.settle_failed`` and the message ends as
-    ``poison`` after ``max_deliveries`` instead of being retried with backoff and
-    dead-lettered as ``failed`` with the commit's error (that needs the Worker hook
-    described in the module docstring of lifecycle/queues/_postgres.py)."""
+async def test_a_commit_that_fails_is_a_failed_job_retried_with_backoff_then_dead_lettered(table: str) -> None:
+    """A commit refused by the server (here a deferred constraint) is found by the ack,
+    after the job's teardown: the queue rolls the writes back and raises CommitFailed
+    with the message still owned, and the worker treats the job as failed: retried with
+    backoff while attempts remain, then dead-lettered as ``failed`` with the cause."""
     queue = make(table)
     await queue.open()
     await sql(
@@ -417,7 +414,7 @@ async def test_a_commit_that_fails_redelivers_instead_of_retrying_the_limitation
     )
     runs = []
 
-    @job(name="dup", retries=5)
+    @job(name="dup", retries=1)
     async def dup(i: int, tx: Annotated[asyncpg.Connection, Depends(queue.transaction)]) -> None:
         runs.append(i)
         await tx.execute(f'INSERT INTO "{table}_out" VALUES ($1), ($1)', i)  # refused only at COMMIT
@@ -425,14 +422,14 @@ async def test_a_commit_that_fails_redelivers_instead_of_retrying_the_limitation
     try:
         await queue.enqueue(dup, {"i": 1})
         with capture_logs() as logs:
-            await run_jobs(queue, [dup], lambda: drained(queue), max_deliveries=2)
+            await run_jobs(queue, [dup], lambda: drained(queue), retry_backoff=0.01)
         assert await sql(f'SELECT i FROM "{table}_out"') == []  # nothing committed, ever
-        assert len(runs) == 2  # delivered once and twice; the third delivery is poison, not run
+        assert runs == [1, 1]  # attempt 1, retried once, attempt 2
         [dead] = await queue.dead_letters()
-        assert dead["reason"] == "poison" and dead["attempts"] == 1
-        failures = [log for log in logs if log["event"] == "worker.settle_failed"]
-        assert len(failures) == 2 and "did not commit" in failures[0]["error"]
-        assert "UniqueViolationError" in failures[0]["error"]
+        assert dead["reason"] == "failed" and dead["attempts"] == 2
+        assert dead["error_type"] == "lifecycle.CommitFailed" and "UniqueViolationError" in dead["error"]
+        assert [log["event"] for log in logs].count("job.retrying") == 1
+        assert not [log for log in logs if log["event"] == "worker.settle_failed"]
     finally:
         await sql(f'DROP TABLE IF EXISTS "{table}_out"')
         await queue.close()

@@ -59,7 +59,7 @@ import anyio
 import sniffio
 
 from .._context import JobContext
-from .._errors import LifecycleError
+from .._errors import CommitFailed, LifecycleError
 from .._log import LOG, redact
 from ._base import BrokerUnavailable, Delivery, MalformedMessage, decode_payload, encode_payload, job_name
 from ._url import _options
@@ -138,7 +138,7 @@ class _Claim:
 
     token: int
     tx: _Tx | None = None
-    commit_failed: str | None = None  # why a transactional ack did not commit (redelivery pending)
+    commit_failed: str | None = None  # why a transactional ack did not commit (CommitFailed raised)
 
 
 @dataclass(frozen=True, slots=True)
@@ -562,10 +562,10 @@ class PostgresQueue:
         message, when the worker acknowledges it after the job and its whole teardown
         succeeded; a failed job, a retry, a dead letter, a release (shutdown) or a lost
         lease rolls them back. A commit that fails (a deferred constraint, a
-        serialization failure) leaves the message to be delivered again (a delivery
-        counted, so ``max_deliveries`` bounds it) and the ack raises, which the worker
-        logs as ``worker.settle_failed``. The connection is the queue's own (from its
-        pool): do not commit, roll back or close it.
+        serialization failure) rolls them back and makes the ack raise
+        ``lifecycle.CommitFailed`` with the message still owned: the worker retries or
+        dead-letters the job like any failure. The connection is the queue's own (from
+        its pool): do not commit, roll back or close it.
 
         Args:
             ctx: the job's context (injected): its ``id`` names the message.
@@ -674,7 +674,6 @@ class PostgresQueue:
         return await self._settle("ack", delivery, f'DELETE FROM "{self.table}" WHERE {self._owned()} RETURNING id')
 
     async def _ack_in_transaction(self, delivery: Delivery, claim: _Claim) -> bool:
-        where = f"ack of message {delivery.id} (job {delivery.job!r}) in its transaction"
         tx = claim.tx
         if tx is not None and tx.state != "pending":
             await self._rollback_pending(claim)  # never handed over (a misuse): nothing of the job commits
@@ -707,28 +706,14 @@ class PostgresQueue:
                     await self._put_back(tx.conn)
                     self._held.pop(delivery.id, None)
                     return True
-        # The commit failed or its answer was lost: the message goes back for another
-        # delivery (counted), unless the commit did land, deleting the row (then done).
-        statement = (
-            f'UPDATE "{self.table}" SET id = nextval(\'"{self.table}_seq"\'), owner = NULL, token = NULL, '
-            f"lease_until = NULL, last_error = $4 WHERE {self._owned()} RETURNING id"
-        )
+        # The commit failed (or its answer was lost): the job's writes are rolled back,
+        # and the row is still ours, untouched, so the worker retries or dead-letters it
+        # like any failed job. (Had a lost COMMIT landed after all, the row is gone and
+        # that retry finds nothing: the job is done, once.)
         reason = claim.commit_failed or "unknown"
-        with anyio.CancelScope(shield=True):
-            async with self._conn(where) as conn:
-                error = f"commit failed: {reason}"[:500]
-                found = await conn.fetchval(statement, self._id(delivery), self.consumer, self._token(delivery), error)
-                exists = found is None and await conn.fetchval(
-                    f'SELECT true FROM "{self.table}" WHERE id = $1', self._id(delivery)
-                )
-        self._held.pop(delivery.id, None)
-        if found is None:
-            return not exists  # gone: the commit landed with the ack; taken over: not ours
-        await self._notify()
-        raise LifecycleError(
+        raise CommitFailed(
             f"{self._where('ack')}: job {delivery.job!r} (message {delivery.id}) succeeded but its transaction "
-            f"did not commit ({reason}); its writes were rolled back and the message goes back to the queue "
-            f"as message {found} (a delivery counted)"
+            f"did not commit ({reason}); its writes were rolled back"
         )
 
     async def _notify(self) -> None:
