@@ -96,10 +96,13 @@ def test_bad_options_are_refused() -> None:
         PostgresQueue(POSTGRES_DSN, pool_size=0)
 
 
-def test_a_missing_asyncpg_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "asyncpg", None)
-    with pytest.raises(LifecycleError, match=r"pip install 'lifecycle\[postgres\]'"):
-        _postgres._asyncpg()
+def test_a_missing_client_library_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lifecycle.queues._base import import_client
+
+    for module, queue, extra in [("asyncpg", "PostgresQueue", "postgres"), ("aio_pika", "RabbitQueue", "rabbitmq")]:
+        monkeypatch.setitem(sys.modules, module, None)
+        with pytest.raises(LifecycleError, match=rf"{queue} needs .*pip install 'lifecycle\[{extra}\]'"):
+            import_client(module, queue, extra)
 
 
 async def test_open_fails_clearly_for_a_missing_database_or_role_without_the_password(table: str) -> None:

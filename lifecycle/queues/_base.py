@@ -23,10 +23,13 @@ job and its whole teardown succeeded. The contract every backend keeps (checked 
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+import sniffio
 
 from .._errors import LifecycleError
 
@@ -197,6 +200,32 @@ class Queue(Protocol):
     async def close(self) -> None:
         """Release the connections; idempotent."""
         ...
+
+
+def require_asyncio(queue: str, client: str) -> None:
+    """Refuse to run ``queue`` on another event loop than asyncio, whose ``client``
+    library is asyncio-only: a clear error at construction (and again on first use, for
+    one constructed outside any event loop) instead of a failure deep in the client."""
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return  # constructed outside any event loop: checked again on first use
+    if library != "asyncio":
+        raise LifecycleError(
+            f"{queue} needs the asyncio backend ({client} is asyncio-only), but it is running under "
+            f"{library}; use backend='asyncio' (CLI: --backend asyncio)"
+        )
+
+
+def import_client(module: str, queue: str, extra: str) -> Any:
+    """Import an optional client library, or say which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        distribution = module.split(".")[0].replace("_", "-")
+        raise LifecycleError(
+            f"{queue} needs {distribution}, which is not installed: pip install 'lifecycle[{extra}]'"
+        ) from None
 
 
 def job_name(job: str | Job[..., Any], payload: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:

@@ -59,11 +59,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
-import sniffio
-
 from .._errors import LifecycleError
 from .._log import LOG, redact
-from ._base import BrokerUnavailable, Delivery, MalformedMessage, decode_payload, encode_payload, job_name
+from ._base import (
+    BrokerUnavailable,
+    Delivery,
+    MalformedMessage,
+    decode_payload,
+    encode_payload,
+    import_client,
+    job_name,
+    require_asyncio,
+)
 from ._url import _options
 
 if TYPE_CHECKING:
@@ -88,27 +95,9 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,200}")
 _SUBJECT = re.compile(r"[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*")
 
 
-def _require_asyncio() -> None:
-    try:
-        library = sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        return  # constructed outside any event loop: checked again on first use
-    if library != "asyncio":
-        raise LifecycleError(
-            f"NatsQueue needs the asyncio backend (nats-py's client is asyncio-only), "
-            f"but it is running under {library}; use backend='asyncio' (CLI: --backend asyncio)"
-        )
-
-
-def _import_nats() -> Any:
-    try:
-        import nats
-        import nats.js.errors  # the submodule, for the error classes
-    except ImportError:
-        raise LifecycleError(
-            "NatsQueue needs the nats-py client, which is not installed: pip install 'lifecycle[nats]'"
-        ) from None
-    return nats
+def _nats() -> Any:
+    import_client("nats.js.errors", "NatsQueue", "nats")  # the submodule too: its error classes
+    return import_client("nats", "NatsQueue", "nats")
 
 
 _Target = tuple[str, str, bytes, dict[str, str]]  # stream, subject, body, headers of a republish
@@ -254,7 +243,7 @@ class NatsQueue:
         duplicate_window: float = 120.0,
         name: str | None = None,
     ) -> None:
-        _require_asyncio()
+        require_asyncio("NatsQueue", "nats-py's client")
         for label, value in (
             ("lease", lease),
             ("connect_timeout", connect_timeout),
@@ -308,7 +297,7 @@ class NatsQueue:
     def _errors(self, op: str) -> Iterator[None]:
         """Transient failures become BrokerUnavailable, misconfiguration a clear
         LifecycleError; texts pass through _scrub."""
-        nats = _import_nats()
+        nats = _nats()
         try:
             yield
         except LifecycleError:
@@ -333,10 +322,10 @@ class NatsQueue:
 
     async def _client(self) -> tuple[Client, JetStreamContext]:
         """The connection, made on first use; nats-py reconnects it by itself."""
-        _require_asyncio()
+        require_asyncio("NatsQueue", "nats-py's client")
         if self._nc is not None and self._js is not None and not self._nc.is_closed:
             return self._nc, self._js
-        nats = _import_nats()
+        nats = _nats()
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
@@ -396,7 +385,7 @@ class NatsQueue:
         nc, js = await self._ensure_streams()
         if self._work is not None and self._delayed is not None and not self._work.consumer_gone:
             return nc, js
-        nats = _import_nats()
+        nats = _nats()
         for puller in (self._work, self._delayed):
             if puller is not None and puller.sub is not None:
                 with contextlib.suppress(nats.errors.Error):
@@ -411,7 +400,7 @@ class NatsQueue:
         nc, js = await self._client()
         if self._ready and not (self._work is not None and self._work.consumer_gone):
             return nc, js
-        nats = _import_nats()
+        nats = _nats()
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 
         streams = (
@@ -472,7 +461,7 @@ class NatsQueue:
         """Connect, then create (or check) the three streams and the durable consumers.
         A bad URL, rejected credentials, a server without JetStream or a stream of the
         wrong kind raise ``LifecycleError``; an unreachable server ``BrokerUnavailable``."""
-        nats = _import_nats()
+        nats = _nats()
         try:
             with self._errors("open"):
                 self._ready = False
@@ -761,7 +750,7 @@ class NatsQueue:
         if count < 1:
             return []
         _, js = await self._ensure_quiet("dead_letters")
-        nats = _import_nats()
+        nats = _nats()
         records: list[dict[str, Any]] = []
         with self._errors("dead_letters"):
             state = (await js.stream_info(self.dead_letter_stream)).state
@@ -803,7 +792,7 @@ class NatsQueue:
             if not _MAX_ATTEMPT.fullmatch(dead_id):
                 raise ValueError(f"replay: {dead_id!r} is not a dead_letter_id (a sequence number)")
         _, js = await self._ensure_quiet("replay")
-        nats = _import_nats()
+        nats = _nats()
         replayed = 0
         for dead_id in ids:
             with self._errors(f"replay of dead letter {dead_id}"):
@@ -832,7 +821,7 @@ class NatsQueue:
     async def purge(self, ids: Sequence[str] | None = None) -> int:
         """Delete these dead letters, or all of them (``ids=None``); returns how many."""
         _, js = await self._ensure_quiet("purge")
-        nats = _import_nats()
+        nats = _nats()
         with self._errors("purge"):
             if ids is None:
                 before = (await js.stream_info(self.dead_letter_stream)).state.messages

@@ -56,12 +56,20 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import anyio
-import sniffio
 
 from .._context import JobContext
 from .._errors import CommitFailed, LifecycleError
 from .._log import LOG, redact
-from ._base import BrokerUnavailable, Delivery, MalformedMessage, decode_payload, encode_payload, job_name
+from ._base import (
+    BrokerUnavailable,
+    Delivery,
+    MalformedMessage,
+    decode_payload,
+    encode_payload,
+    import_client,
+    job_name,
+    require_asyncio,
+)
 from ._url import _options
 
 if TYPE_CHECKING:
@@ -81,28 +89,6 @@ _COLUMNS = {
     "id", "job", "payload", "attempt", "deliveries", "enqueued_at", "run_at", "owner", "token", "lease_until",
     "last_error",
 }  # fmt: skip
-
-
-def _require_asyncio() -> None:
-    try:
-        library = sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        return  # constructed outside any event loop: checked again on first use
-    if library != "asyncio":
-        raise LifecycleError(
-            f"PostgresQueue needs the asyncio backend (asyncpg is asyncio-only), but it is running under "
-            f"{library}; use backend='asyncio' (CLI: --backend asyncio)"
-        )
-
-
-def _asyncpg() -> Any:
-    try:
-        import asyncpg
-    except ImportError:
-        raise LifecycleError(
-            "PostgresQueue needs asyncpg, which is not installed: pip install 'lifecycle[postgres]'"
-        ) from None
-    return asyncpg
 
 
 def _schema(table: str) -> list[str]:
@@ -234,7 +220,7 @@ class PostgresQueue:
         application_name: str = "lifecycle",
         consumer: str | None = None,
     ) -> None:
-        _require_asyncio()
+        require_asyncio("PostgresQueue", "asyncpg")
         for option, value in (
             ("lease", lease),
             ("poll_interval", poll_interval),
@@ -293,7 +279,7 @@ class PostgresQueue:
     def _errors(self, op: str) -> Iterator[None]:
         """Transient failures become ``BrokerUnavailable``; misconfiguration a clear
         ``LifecycleError``. Texts are scrubbed: no password reaches a message."""
-        asyncpg = _asyncpg()
+        asyncpg = import_client("asyncpg", "PostgresQueue", "postgres")
         try:
             yield
         except LifecycleError:
@@ -323,14 +309,14 @@ class PostgresQueue:
             raise self._unavailable(op, exc) from exc
 
     async def _ensure_pool(self) -> Any:
-        _require_asyncio()
+        require_asyncio("PostgresQueue", "asyncpg")
         if self._pool is not None:
             return self._pool
         if self._pool_lock is None:
             self._pool_lock = asyncio.Lock()
         async with self._pool_lock:
             if self._pool is None:
-                asyncpg = _asyncpg()
+                asyncpg = import_client("asyncpg", "PostgresQueue", "postgres")
                 try:
                     pool = await asyncpg.create_pool(
                         self._dsn,
@@ -487,7 +473,7 @@ class PostgresQueue:
             return
         if time.monotonic() - self._listen_failed_at < self.poll_interval:
             return
-        asyncpg = _asyncpg()
+        asyncpg = import_client("asyncpg", "PostgresQueue", "postgres")
         if self._wakeup is None:
             self._wakeup = asyncio.Event()
         wakeup = self._wakeup
@@ -680,7 +666,7 @@ class PostgresQueue:
             claim.commit_failed = "the job's transaction was not handed over by its teardown"
         elif tx is not None:
             claim.tx = None
-            asyncpg = _asyncpg()
+            asyncpg = import_client("asyncpg", "PostgresQueue", "postgres")
             with anyio.CancelScope(shield=True):
                 try:
                     deleted = await tx.conn.fetchval(

@@ -56,11 +56,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-import sniffio
-
 from .._errors import LifecycleError
 from .._log import LOG, redact
-from ._base import BrokerUnavailable, Delivery, MalformedMessage, decode_payload, encode_payload, job_name
+from ._base import (
+    BrokerUnavailable,
+    Delivery,
+    MalformedMessage,
+    decode_payload,
+    encode_payload,
+    import_client,
+    job_name,
+    require_asyncio,
+)
 from ._url import _options
 
 if TYPE_CHECKING:
@@ -88,28 +95,6 @@ _OPTIONS = {
     "timeout": float,
     "dead_letter_max_age": str,
 }
-
-
-def _require_asyncio() -> None:
-    try:
-        library = sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        return  # constructed outside any event loop: checked again on first use
-    if library != "asyncio":
-        raise LifecycleError(
-            f"RabbitQueue needs the asyncio backend (aio-pika is asyncio-only), but it is running "
-            f"under {library}; use backend='asyncio' (CLI: --backend asyncio)"
-        )
-
-
-def _import_aio_pika() -> Any:
-    try:
-        import aio_pika
-    except ImportError:
-        raise LifecycleError(
-            "RabbitQueue needs aio-pika, which is not installed: pip install 'lifecycle[rabbitmq]'"
-        ) from None
-    return aio_pika
 
 
 def _bucket(delay: float) -> int:
@@ -246,7 +231,7 @@ class RabbitQueue:
         timeout: float = 10.0,
         dead_letter_max_age: str = "30D",
     ) -> None:
-        _require_asyncio()
+        require_asyncio("RabbitQueue", "aio-pika")
         if lease is not None and not lease > 0:
             raise ValueError(f"RabbitQueue lease must be positive or None, got {lease!r}")
         if not timeout > 0:
@@ -280,7 +265,7 @@ class RabbitQueue:
     def _errors(self, operation: str) -> Iterator[None]:
         """Transient failures as BrokerUnavailable (and the connection dropped, so the
         next call connects again); configuration errors as LifecycleError."""
-        _import_aio_pika()
+        import_client("aio_pika", "RabbitQueue", "rabbitmq")
         from aiormq import exceptions  # present with aio-pika, its transport
 
         try:
@@ -353,7 +338,7 @@ class RabbitQueue:
         return closed
 
     async def _connect(self) -> AbstractConnection:
-        _require_asyncio()
+        require_asyncio("RabbitQueue", "aio-pika")
         if self._closed:
             raise LifecycleError(f"RabbitQueue {self.url}, queue {self.queue!r}: used after close()")
         connection = self._connection
@@ -362,7 +347,7 @@ class RabbitQueue:
         async with self._connect_lock:
             if self._connection is not None and not self._connection.is_closed:
                 return self._connection  # another call connected while this one waited
-            aio_pika = _import_aio_pika()
+            aio_pika = import_client("aio_pika", "RabbitQueue", "rabbitmq")
             with self._errors("connect"):
                 opened: AbstractConnection = await aio_pika.connect(
                     self._url,
@@ -409,7 +394,7 @@ class RabbitQueue:
         operation: str,
         expiration: float | None = None,
     ) -> None:
-        aio_pika = _import_aio_pika()
+        aio_pika = import_client("aio_pika", "RabbitQueue", "rabbitmq")
         with self._errors(operation):
             channel = await self._publish_channel()
             message = aio_pika.Message(

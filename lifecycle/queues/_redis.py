@@ -40,7 +40,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-import sniffio
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
@@ -60,7 +59,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._errors import LifecycleError
 from .._log import LOG, redact
-from ._base import BrokerUnavailable, Delivery, MalformedMessage, decode_payload, encode_payload, job_name
+from ._base import (
+    BrokerUnavailable,
+    Delivery,
+    MalformedMessage,
+    decode_payload,
+    encode_payload,
+    job_name,
+    require_asyncio,
+)
 
 if TYPE_CHECKING:
     from .._job import Job
@@ -191,18 +198,6 @@ def _url_secrets(url: str) -> list[str]:
     return [secret for secret in {password, unquote(password or "")} if secret and len(secret) > 2]
 
 
-def _require_asyncio() -> None:
-    try:
-        library = sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        return  # constructed outside any event loop: checked again on first use
-    if library != "asyncio":
-        raise LifecycleError(
-            f"RedisStreamQueue needs the asyncio backend (redis-py's client is asyncio-only), "
-            f"but it is running under {library}; use backend='asyncio' (CLI: --backend asyncio)"
-        )
-
-
 def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
@@ -311,7 +306,7 @@ class RedisStreamQueue:
         connect_timeout: float = 5.0,
         health_check_interval: float = 10.0,
     ) -> None:
-        _require_asyncio()
+        require_asyncio("RedisStreamQueue", "redis-py's client")
         for name, value in (
             ("claim_idle", claim_idle),
             ("socket_timeout", socket_timeout),
@@ -373,7 +368,7 @@ class RedisStreamQueue:
         return text
 
     def _client(self) -> Redis:
-        _require_asyncio()
+        require_asyncio("RedisStreamQueue", "redis-py's client")
         if self._redis is None:
             raise LifecycleError(
                 f"{self._where('open')}: invalid Redis URL ({self._url_error}); expected "
