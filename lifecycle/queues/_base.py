@@ -228,6 +228,26 @@ def import_client(module: str, queue: str, extra: str) -> Any:
         ) from None
 
 
+RAW_COLUMNS = ("job", "payload", "attempt", "enqueued_at")  # a malformed row's columns, kept raw
+
+
+def dead_record_from_row(row: Sequence[Any]) -> dict[str, Any]:
+    """A dead letter as the SQL backends store it: ``(id, record JSON, *RAW_COLUMNS)``,
+    as the ``dead_letters`` dict (the record, its ``dead_letter_id``, and
+    ``raw:<column>`` for the raw columns a malformed message kept)."""
+    dead_id, text, *raw = row
+    try:
+        loaded = json.loads(text)
+    except (ValueError, TypeError):
+        loaded = None
+    record: dict[str, Any] = loaded if isinstance(loaded, dict) else {"record": text}
+    record["dead_letter_id"] = str(dead_id)
+    for column, value in zip(RAW_COLUMNS, raw, strict=True):
+        if value is not None:
+            record[f"raw:{column}"] = value
+    return record
+
+
 def job_name(job: str | Job[..., Any], payload: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
     """The name to put on the message and the payload as a plain dict. A ``Job`` has
     its payload validated and serialised by its payload model (``Job.dump_payload``:

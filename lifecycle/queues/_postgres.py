@@ -61,9 +61,11 @@ from .._context import JobContext
 from .._errors import CommitFailed, LifecycleError
 from .._log import LOG, redact
 from ._base import (
+    RAW_COLUMNS,
     BrokerUnavailable,
     Delivery,
     MalformedMessage,
+    dead_record_from_row,
     decode_payload,
     encode_payload,
     import_client,
@@ -84,7 +86,6 @@ _TABLE = re.compile(r"[a-z_][a-z0-9_]{0,47}")  # room for the "_dead_id_seq" sty
 # transaction rollback (a deadlock or serialization failure of a queue statement).
 _TRANSIENT_CLASSES = ("08", "53", "57", "58", "40")
 _NOW = "extract(epoch from clock_timestamp())::float8"
-_RAW_COLUMNS = ("job", "payload", "attempt", "enqueued_at")
 _COLUMNS = {
     "id", "job", "payload", "attempt", "deliveries", "enqueued_at", "run_at", "owner", "token", "lease_until",
     "last_error",
@@ -146,7 +147,7 @@ def decode_row(row: Sequence[Any], token: int) -> Delivery:
         token: the claim token that handed the row out.
     """
     message_id, job, payload, attempt, deliveries, enqueued_at = row
-    handle = _Handle(token, dict(zip(_RAW_COLUMNS, (job, payload, attempt, enqueued_at), strict=True)))
+    handle = _Handle(token, dict(zip(RAW_COLUMNS, (job, payload, attempt, enqueued_at), strict=True)))
     count = deliveries if isinstance(deliveries, int) and deliveries >= 1 else 1
 
     def bad(why: str) -> Delivery:
@@ -747,7 +748,7 @@ class PostgresQueue:
         back first."""
         text = json.dumps(dict(record), default=repr, ensure_ascii=False)
         keep = delivery.malformed is not None
-        raw = ", ".join(f"CASE WHEN $5 THEN d.{column} END" for column in _RAW_COLUMNS)
+        raw = ", ".join(f"CASE WHEN $5 THEN d.{column} END" for column in RAW_COLUMNS)
         statement = (
             f'WITH d AS (DELETE FROM "{self.table}" WHERE {self._owned()} RETURNING *) '
             f'INSERT INTO "{self.dead_table}" (record, raw_job, raw_payload, raw_attempt, raw_enqueued_at, '
@@ -783,19 +784,6 @@ class PostgresQueue:
         return lost
 
     # -- dead letters ---------------------------------------------------------------------
-    @staticmethod
-    def _dead_record(row: Sequence[Any]) -> dict[str, Any]:
-        dead_id, text, *raw = row
-        try:
-            loaded = json.loads(text)
-        except (ValueError, TypeError):
-            loaded = None
-        record: dict[str, Any] = loaded if isinstance(loaded, dict) else {"record": text}
-        record["dead_letter_id"] = str(dead_id)
-        for column, value in zip(_RAW_COLUMNS, raw, strict=True):
-            if value is not None:
-                record[f"raw:{column}"] = value
-        return record
 
     @staticmethod
     def _dead_ids(ids: Sequence[str], op: str) -> list[int]:
@@ -821,7 +809,7 @@ class PostgresQueue:
                 limit,
                 count,
             )
-        return [self._dead_record(tuple(row)) for row in rows]
+        return [dead_record_from_row(tuple(row)) for row in rows]
 
     async def replay(self, ids: Sequence[str]) -> int:
         """Put these dead letters back on the queue as new messages (attempt 1, same job
@@ -836,7 +824,7 @@ class PostgresQueue:
                 numbers,
             )
             for dead_id, text in rows:
-                record = self._dead_record((dead_id, text, None, None, None, None))
+                record = dead_record_from_row((dead_id, text, None, None, None, None))
                 job, payload = record.get("job"), record.get("payload")
                 if record.get("reason") == "malformed" or not isinstance(job, str) or not job:
                     continue  # nothing to run; its raw columns stay for a human

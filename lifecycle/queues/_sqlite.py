@@ -57,7 +57,16 @@ import sniffio
 
 from .._errors import LifecycleError
 from .._log import LOG
-from ._base import BrokerUnavailable, Delivery, MalformedMessage, decode_payload, encode_payload, job_name
+from ._base import (
+    RAW_COLUMNS,
+    BrokerUnavailable,
+    Delivery,
+    MalformedMessage,
+    dead_record_from_row,
+    decode_payload,
+    encode_payload,
+    job_name,
+)
 
 if TYPE_CHECKING:
     from .._job import Job
@@ -67,7 +76,6 @@ T = TypeVar("T")
 MIN_SQLITE = (3, 35, 0)  # UPDATE ... RETURNING
 # Primary result codes that mean "try again later": BUSY, LOCKED, IOERR, FULL, PROTOCOL.
 _TRANSIENT_CODES = frozenset({5, 6, 10, 13, 15})
-_RAW_COLUMNS = ("job", "payload", "attempt", "enqueued_at")
 _MAX_ATTEMPT = 10**18
 
 _SCHEMA = """
@@ -154,7 +162,7 @@ def decode_row(row: Sequence[Any], claim: int) -> Delivery:
         claim: the claim that handed the row out (the owner check of every settle).
     """
     message_id, job, payload, attempt, deliveries, enqueued_at = row
-    handle = _Handle(claim, dict(zip(_RAW_COLUMNS, (job, payload, attempt, enqueued_at), strict=True)))
+    handle = _Handle(claim, dict(zip(RAW_COLUMNS, (job, payload, attempt, enqueued_at), strict=True)))
     count = deliveries if type(deliveries) is int and deliveries >= 1 else 1
 
     def bad(why: str) -> Delivery:
@@ -606,9 +614,9 @@ class SqliteQueue:
         transaction. A malformed delivery's original columns are kept too, exactly as
         they were stored (``raw:<column>`` in ``dead_letters``)."""
         text = json.dumps(dict(record), default=repr, ensure_ascii=False)
-        raw: tuple[Any, ...] = (None,) * len(_RAW_COLUMNS)
+        raw: tuple[Any, ...] = (None,) * len(RAW_COLUMNS)
         if delivery.malformed is not None and isinstance(delivery.raw, _Handle):
-            raw = tuple(delivery.raw.columns.get(column) for column in _RAW_COLUMNS)
+            raw = tuple(delivery.raw.columns.get(column) for column in RAW_COLUMNS)
         failed_at = time.time()
 
         def dead_letter(conn: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> bool:
@@ -645,19 +653,6 @@ class SqliteQueue:
         return lost
 
     # -- dead letters ---------------------------------------------------------------------------
-    @staticmethod
-    def _dead_record(row: Sequence[Any]) -> dict[str, Any]:
-        dead_id, text, *raw = row
-        try:
-            loaded = json.loads(text)
-        except (ValueError, TypeError):
-            loaded = None
-        record: dict[str, Any] = loaded if isinstance(loaded, dict) else {"record": text}
-        record["dead_letter_id"] = str(dead_id)
-        for column, value in zip(_RAW_COLUMNS, raw, strict=True):
-            if value is not None:
-                record[f"raw:{column}"] = value
-        return record
 
     async def dead_letters(self, count: int = 100, before: str | None = None) -> list[dict[str, Any]]:
         """Dead letters, newest first: at most ``count``, older than the dead letter
@@ -675,7 +670,7 @@ class SqliteQueue:
                 (self.name, limit if limit is not None else 2**63 - 1, count),
             ).fetchall()
 
-        return [self._dead_record(row) for row in await self._call("dead_letters", select, write=False)]
+        return [dead_record_from_row(row) for row in await self._call("dead_letters", select, write=False)]
 
     async def replay(self, ids: Sequence[str]) -> int:
         """Put these dead letters back on the queue as new messages (attempt 1, same job
@@ -694,7 +689,7 @@ class SqliteQueue:
                 ).fetchone()
                 if row is None:
                     continue
-                record = self._dead_record(row)
+                record = dead_record_from_row(row)
                 job, payload = record.get("job"), record.get("payload")
                 if record.get("reason") == "malformed" or not isinstance(job, str) or not job:
                     continue  # nothing to run; its raw columns stay for a human
