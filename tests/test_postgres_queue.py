@@ -229,7 +229,7 @@ async def test_terminated_connections_mid_drain_lose_no_job_and_end_no_worker(ta
 
     @job(name="slowish")
     async def slowish(i: int) -> None:
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.04)  # a drain of at least a second: several kills land in it
         seen.append(i)
 
     worker = Worker(queue, [slowish], concurrency=16, poll_interval=0.2, broker_backoff=0.05, broker_backoff_max=0.5)
@@ -238,7 +238,7 @@ async def test_terminated_connections_mid_drain_lose_no_job_and_end_no_worker(ta
     async def kill_connections() -> None:
         nonlocal kills
         while True:
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.15)
             rows = await sql(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
                 f"lc-test-{table}",
