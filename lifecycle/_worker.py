@@ -17,7 +17,6 @@ dependency stops the worker, at start-up, with ``StartupError``."""
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
@@ -44,15 +43,14 @@ class _Broker:
     once when it starts and once when it ends."""
 
     def __init__(self, backoff: float, backoff_max: float) -> None:
-        self.backoff = backoff
-        self.backoff_max = backoff_max
+        self._backoff = RetryPolicy(backoff, backoff_max)
         self.down_since: float | None = None
         self.outages = 0
 
     def delay(self, failures: int) -> float:
         """Seconds to wait after ``failures`` failures in a row: exponential, capped,
         with jitter (half to all of it) so a fleet does not reconnect in lockstep."""
-        return min(self.backoff_max, self.backoff * 2.0 ** min(failures, 32)) * random.uniform(0.5, 1.0)
+        return self._backoff.delay(failures + 1)
 
     def failed(self, operation: str, exc: BaseException) -> None:
         if self.down_since is None:
