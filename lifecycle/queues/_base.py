@@ -248,6 +248,15 @@ def dead_record_from_row(row: Sequence[Any]) -> dict[str, Any]:
     return record
 
 
+def check_enqueue(job: str | Job[..., Any], delay: float | None, at: float | None, attempt: int) -> None:
+    """The arguments every backend's ``enqueue`` refuses the same way: ``delay`` with
+    ``at``, and an attempt below 1 (``ValueError``)."""
+    if delay is not None and at is not None:
+        raise ValueError(f"enqueue of {job!r}: give delay or at, not both (delay={delay!r}, at={at!r})")
+    if attempt < 1:
+        raise ValueError(f"enqueue of {job!r}: attempt must be >= 1, got {attempt!r}")
+
+
 def job_name(job: str | Job[..., Any], payload: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
     """The name to put on the message and the payload as a plain dict. A ``Job`` has
     its payload validated and serialised by its payload model (``Job.dump_payload``:

@@ -65,6 +65,7 @@ from ._base import (
     BrokerUnavailable,
     Delivery,
     MalformedMessage,
+    check_enqueue,
     decode_payload,
     encode_payload,
     import_client,
@@ -504,10 +505,7 @@ class NatsQueue:
                 a publish whose answer it lost passes the same one); default a new
                 random id.
         """
-        if delay is not None and at is not None:
-            raise ValueError(f"enqueue of {job!r}: give delay or at, not both (delay={delay!r}, at={at!r})")
-        if attempt < 1:
-            raise ValueError(f"enqueue of {job!r}: attempt must be >= 1, got {attempt!r}")
+        check_enqueue(job, delay, at, attempt)
         name, args = job_name(job, payload)
         body = encode_payload(args).encode()
         now = time.time()

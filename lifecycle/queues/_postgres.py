@@ -65,6 +65,7 @@ from ._base import (
     BrokerUnavailable,
     Delivery,
     MalformedMessage,
+    check_enqueue,
     dead_record_from_row,
     decode_payload,
     encode_payload,
@@ -404,10 +405,7 @@ class PostgresQueue:
             at: when to run it, in seconds since the epoch (a past time means now).
             attempt: the attempt number the message carries (>= 1).
         """
-        if delay is not None and at is not None:
-            raise ValueError(f"enqueue of {job!r}: give delay or at, not both (delay={delay!r}, at={at!r})")
-        if attempt < 1:
-            raise ValueError(f"enqueue of {job!r}: attempt must be >= 1, got {attempt!r}")
+        check_enqueue(job, delay, at, attempt)
         name, args = job_name(job, payload)
         body = encode_payload(args).encode("utf-8")
         ids = await self._insert(f"enqueue of job {name!r}", [(name, body)], delay, at, attempt)

@@ -62,6 +62,7 @@ from ._base import (
     BrokerUnavailable,
     Delivery,
     MalformedMessage,
+    check_enqueue,
     decode_payload,
     encode_payload,
     import_client,
@@ -459,10 +460,7 @@ class RabbitQueue:
             at: when to run it, in seconds since the epoch (a past time means now).
             attempt: the attempt number the message carries (>= 1).
         """
-        if delay is not None and at is not None:
-            raise ValueError(f"enqueue of {job!r}: give delay or at, not both (delay={delay!r}, at={at!r})")
-        if attempt < 1:
-            raise ValueError(f"enqueue of {job!r}: attempt must be >= 1, got {attempt!r}")
+        check_enqueue(job, delay, at, attempt)
         name, args = job_name(job, payload)
         body = encode_payload(args).encode("utf-8")
         now = time.time()
