@@ -12,12 +12,14 @@ from ._errors import (
     PayloadError,
     Reject,
     Retry,
+    ScheduleError,
     StartupError,
     TeardownTimeout,
 )
 from ._job import Job, job
 from ._markers import Depends, dependency
 from ._runtime import Runtime, run
+from ._schedule import Schedule
 from ._worker import Worker
 
 __version__ = "0.1.0"
@@ -34,6 +36,8 @@ __all__ = [
     "Reject",
     "Retry",
     "Runtime",
+    "Schedule",
+    "ScheduleError",
     "StartupError",
     "TeardownTimeout",
     "Worker",
@@ -56,6 +60,8 @@ for _public in (
     Reject,
     Retry,
     Runtime,
+    Schedule,
+    ScheduleError,
     StartupError,
     TeardownTimeout,
     Worker,

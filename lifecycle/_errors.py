@@ -80,3 +80,8 @@ class StartupError(LifecycleError):
     """A worker could not start: its queue is misconfigured (address, credentials,
     permissions), or a worker-scoped dependency failed to set up. An unreachable broker
     is not a reason: the worker waits for it."""
+
+
+class ScheduleError(LifecycleError, ValueError):
+    """A schedule is declared wrongly (a bad cron expression, time zone, interval or
+    option); raised where it is declared, naming the job and the parameter."""

@@ -22,6 +22,7 @@ import inspect
 import math
 import re
 import weakref
+from datetime import timedelta
 from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any, Generic, ParamSpec, TypeVar, get_args, get_origin, overload
 
@@ -35,6 +36,7 @@ from ._codegen import Runners, compile_binder, compile_runners
 from ._errors import DependencyError, PayloadError
 from ._markers import DEFAULT_OPTIONS, Depends
 from ._plan import Plan, compile_plan
+from ._schedule import CatchUp, Schedule
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -64,6 +66,10 @@ class Job(Generic[P, R]):
         retries: int = 0,
         timeout: float | None = None,
         dependencies: Iterable[Depends] = (),
+        cron: str | None = None,
+        every: timedelta | float | None = None,
+        timezone: str = "UTC",
+        catch_up: CatchUp = "none",
     ) -> None:
         if isinstance(fn, Job):
             fn = fn.fn
@@ -127,6 +133,11 @@ class Job(Generic[P, R]):
             if self.error is None:
                 self.error = exc
                 sink.append((self, exc))
+        # @job(cron=...) / @job(every=...): one schedule without a payload, which a Worker
+        # running this job drives (see _schedule). Checked here, where it is declared.
+        self.schedule: Schedule | None = None
+        if cron is not None or every is not None or timezone != "UTC" or catch_up != "none":
+            self.schedule = Schedule(self, cron=cron, every=every, timezone=timezone, catch_up=catch_up)
 
     def compile(self, runtime_dependencies: Iterable[Depends], overrides: Mapping[Any, Any]) -> Runners:
         """The job's plan, then the code that runs it: the pipeline runs one way.
@@ -581,6 +592,10 @@ def job(
     retries: int = 0,
     timeout: float | None = None,
     dependencies: Iterable[Depends] = (),
+    cron: str | None = None,
+    every: timedelta | float | None = None,
+    timezone: str = "UTC",
+    catch_up: CatchUp = "none",
 ) -> Callable[[Callable[P, R]], Job[P, R]]: ...
 
 
@@ -592,11 +607,40 @@ def job(
     retries: int = 0,
     timeout: float | None = None,
     dependencies: Iterable[Depends] = (),
+    cron: str | None = None,
+    every: timedelta | float | None = None,
+    timezone: str = "UTC",
+    catch_up: CatchUp = "none",
 ) -> Job[P, R] | Callable[[Callable[P, R]], Job[P, R]]:
-    """Declare a job; its dependency graph is built and validated right here."""
+    """Declare a job; its dependency graph is built and validated right here.
+
+    Args:
+        fn: the function (when used as ``@job`` without parentheses).
+        name: the name messages use for it; None: the function's name.
+        retries: attempts after the first one when it fails (>= 0).
+        timeout: seconds one attempt may take, teardown excluded; None: no limit.
+        dependencies: ``Depends(...)`` run for it whose values are not injected.
+        cron: run it on this cron expression (five fields, or six with seconds first)
+            in every ``Worker`` that runs it; see ``lifecycle.Schedule``. Not with
+            ``every``.
+        every: run it every interval (a ``timedelta`` or seconds); not with ``cron``.
+        timezone: the IANA zone ``cron`` reads wall-clock times in (default UTC).
+        catch_up: ``"none"`` (default) or ``"latest"``: whether a tick missed while
+            no worker was up runs once when one starts.
+    """
 
     def decorate(target: Callable[P, R]) -> Job[P, R]:
-        return Job(target, name=name, retries=retries, timeout=timeout, dependencies=dependencies)
+        return Job(
+            target,
+            name=name,
+            retries=retries,
+            timeout=timeout,
+            dependencies=dependencies,
+            cron=cron,
+            every=every,
+            timezone=timezone,
+            catch_up=catch_up,
+        )
 
     return decorate(fn) if fn is not None else decorate
 

@@ -31,6 +31,7 @@ from ._log import LOG, describe, redact, traceback_text
 from ._markers import Depends
 from ._retry import RetryPolicy, Verdict
 from ._runtime import Runtime
+from ._schedule import Schedule, Scheduler, schedules_of
 from .queues._base import BrokerUnavailable, Delivery, Queue
 
 # A settle or release that cannot reach the broker during shutdown gives up after this
@@ -92,6 +93,10 @@ class Worker:
         broker_backoff: seconds before the first retry of a broker call that failed
             with ``BrokerUnavailable``; doubles per failure, with jitter.
         broker_backoff_max: the cap on that delay, in seconds.
+        schedules: ``Schedule`` objects to drive besides the jobs' own
+            (``@job(cron=...)``): this worker enqueues each tick under its
+            de-duplication key, so a fleet makes one message per tick. Their jobs are
+            added to ``jobs``.
     """
 
     def __init__(
@@ -111,6 +116,7 @@ class Worker:
         heartbeat_interval: float | None = None,
         broker_backoff: float = 0.5,
         broker_backoff_max: float = 30.0,
+        schedules: Iterable[Schedule] = (),
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
@@ -127,13 +133,16 @@ class Worker:
             )
         self.queue = queue
         self.jobs: dict[str, Job[..., Any]] = {}
-        for fn in jobs:
+        schedules = list(schedules)
+        for fn in [*jobs, *(schedule.job for schedule in schedules if isinstance(schedule, Schedule))]:
             job = as_job(fn)
             if job.name in self.jobs and self.jobs[job.name] is not job:
                 raise LifecycleError(f"two jobs are named {job.name!r}; give one @job(name=...)")
             self.jobs[job.name] = job
         if not self.jobs:
             raise LifecycleError("a Worker needs at least one job")
+        self.schedules = schedules_of(self.jobs.values(), schedules)
+        self.scheduler = Scheduler(queue, self.schedules) if self.schedules else None
         self.concurrency = concurrency
         self.shutdown_grace = shutdown_grace
         self.retry_backoff = retry_backoff
@@ -275,7 +284,11 @@ class Worker:
             supervisor.start_soon(host_jobs)
             try:
                 await ready.wait()
-                await self._read(host[0])
+                async with anyio.create_task_group() as ticking:  # the schedules tick while reading
+                    if self.scheduler is not None:
+                        ticking.start_soon(self.scheduler.run)
+                    await self._read(host[0])
+                    ticking.cancel_scope.cancel()
             finally:
                 with CancelScope(shield=True):
                     await ready.wait()  # the host task always starts: it is shielded at once

@@ -7,6 +7,7 @@ passes for it."""
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 import anyio
@@ -114,6 +115,89 @@ async def test_enqueue_with_delay_or_at(harness: Harness) -> None:
     assert sorted(d.payload["user_id"] for d in later) == [1, 2]
     for delivery in [now, *later]:
         await queue.ack(delivery)
+
+
+async def test_a_dedup_key_enqueues_once_and_returns_the_first_messages_id(harness: Harness) -> None:
+    queue, other = harness.queue, harness.other()
+    key = f"tick-{uuid.uuid4().hex}"
+    first = await queue.enqueue("send_email", {"user_id": 1}, dedup_key=key)
+    assert await queue.enqueue("send_email", {"user_id": 2}, dedup_key=key) == first
+    assert await other.enqueue(send_email, {"user_id": 3}, dedup_key=key) == first  # another producer
+    plain = await queue.enqueue("send_email", {"user_id": 4})  # no key: never de-duplicated
+    assert plain != first
+    [one, four] = sorted(await collect(queue, 2), key=lambda d: d.payload["user_id"])
+    assert (one.payload, four.payload) == ({"user_id": 1}, {"user_id": 4})
+    assert await nothing_ready(queue)
+    await queue.ack(one)
+    # Settled, the key is still remembered: a late producer adds nothing.
+    assert await other.enqueue("send_email", {"user_id": 5}, dedup_key=key) == first
+    assert await nothing_ready(queue)
+    await queue.ack(four)
+
+
+async def test_racing_producers_with_one_dedup_key_make_one_message(harness: Harness) -> None:
+    key = f"tick-{uuid.uuid4().hex}"
+    producers = [harness.queue, harness.other(), harness.other()]
+    ids: list[str] = []
+
+    async def produce(queue: Queue, n: int) -> None:
+        ids.append(await queue.enqueue("send_email", {"user_id": n}, at=time.time() + 0.5, dedup_key=key))
+
+    async with anyio.create_task_group() as group:
+        for n in range(12):
+            group.start_soon(produce, producers[n % 3], n)
+    assert len(set(ids)) == 1
+    [only] = await collect(harness.queue, 1)
+    await harness.queue.ack(only)
+    assert await harness.queue.receive(10, 1.0) == []
+
+
+async def test_a_dedup_key_is_forgotten_after_its_ttl(harness: Harness) -> None:
+    key = f"tick-{uuid.uuid4().hex}"
+    first = await harness.queue.enqueue("send_email", {"user_id": 1}, dedup_key=key, dedup_ttl=1.0)
+    second = first
+    with anyio.fail_after(15):
+        while second == first:
+            await anyio.sleep(0.3)
+            second = await harness.queue.enqueue("send_email", {"user_id": 2}, dedup_key=key, dedup_ttl=1.0)
+    assert sorted(d.payload["user_id"] for d in await collect(harness.queue, 2)) == [1, 2]
+
+
+async def test_enqueue_refuses_a_bad_dedup_key_or_ttl(harness: Harness) -> None:
+    queue = harness.queue
+    for key, ttl, message in [
+        ("", None, "dedup_key must be a non-empty string"),
+        (None, 5.0, "without a dedup_key"),
+        ("k", 0, "dedup_ttl must be a positive"),
+        ("k", -1.0, "dedup_ttl must be a positive"),
+        ("k", float("nan"), "dedup_ttl must be a positive"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            await queue.enqueue("send_email", {"user_id": 1}, dedup_key=key, dedup_ttl=ttl)
+    assert await nothing_ready(queue)
+
+
+async def test_cancel_removes_a_waiting_message_only(harness: Harness) -> None:
+    queue, other = harness.queue, harness.other()
+    delayed = await queue.enqueue("send_email", {"user_id": 1}, delay=1.0)
+    due = await queue.enqueue("send_email", {"user_id": 2})
+    kept = await queue.enqueue("send_email", {"user_id": 3}, delay=1.0)
+    assert await other.cancel(delayed) is True  # any producer may cancel
+    assert await queue.cancel(delayed) is False  # once
+    assert await queue.cancel(due) is True
+    started = await queue.enqueue("send_email", {"user_id": 4})
+    [held] = await collect(queue, 1)
+    assert held.payload == {"user_id": 4}
+    assert await queue.cancel(started) is False  # received: it runs
+    assert await queue.cancel(held.id) is False
+    assert await queue.cancel("no-such-message") is False
+    await queue.ack(held)
+    assert await queue.cancel(started) is False  # done
+    [later] = await collect(queue, 1)  # only the one not cancelled comes, after its delay
+    assert later.payload == {"user_id": 3}
+    assert await queue.cancel(kept) is False
+    await queue.ack(later)
+    assert await queue.receive(10, 1.5) == []
 
 
 async def test_dead_letters_newest_first_with_paging_replay_and_purge(harness: Harness) -> None:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .._job import Job
 
 MAX_PAYLOAD_BYTES = 1 << 20  # a payload larger than this is malformed: 1 MiB of JSON
+DEDUP_TTL = 86400.0  # seconds a dedup_key is remembered when enqueue is not told
 MAX_PAYLOAD_DEPTH = 64  # nesting deeper than this is malformed (json recurses per level)
 
 
@@ -95,6 +96,8 @@ class Queue(Protocol):
         delay: float | None = None,
         at: float | None = None,
         attempt: int = 1,
+        dedup_key: str | None = None,
+        dedup_ttl: float | None = None,
     ) -> str:
         """Add a message; return its id.
 
@@ -106,6 +109,25 @@ class Queue(Protocol):
             delay: seconds from now; None or <= 0 means now. Not with ``at``.
             at: when to run it, in seconds since the epoch. Not with ``delay``.
             attempt: the attempt number the message carries (1-based).
+            dedup_key: a de-duplication key. While a message enqueued with this key
+                is remembered (``dedup_ttl``), enqueueing with it again adds nothing
+                and returns that first message's id, atomically with the enqueue
+                however many producers race (see each backend for its guarantee).
+                None: no de-duplication.
+            dedup_ttl: seconds the key is remembered from the enqueue that set it
+                (> 0); None: ``DEDUP_TTL`` (a day). Only with ``dedup_key``.
+        """
+        ...
+
+    async def cancel(self, message_id: str) -> bool:
+        """Remove a message that no consumer has received yet (a delayed one, or one
+        waiting its turn); True if it was removed. A message already received, started,
+        settled, cancelled, or unknown is left alone: False. A cancelled message keeps
+        its ``dedup_key`` taken until the key expires (cancelling a schedule's tick
+        cancels it for the whole fleet).
+
+        Args:
+            message_id: what ``enqueue`` returned.
         """
         ...
 
@@ -248,13 +270,32 @@ def dead_record_from_row(row: Sequence[Any]) -> dict[str, Any]:
     return record
 
 
-def check_enqueue(job: str | Job[..., Any], delay: float | None, at: float | None, attempt: int) -> None:
-    """The arguments every backend's ``enqueue`` refuses the same way: ``delay`` with
-    ``at``, and an attempt below 1 (``ValueError``)."""
+def check_enqueue(
+    job: str | Job[..., Any],
+    delay: float | None,
+    at: float | None,
+    attempt: int,
+    dedup_key: str | None = None,
+    dedup_ttl: float | None = None,
+) -> float | None:
+    """The arguments every backend's ``enqueue`` refuses the same way (``ValueError``):
+    ``delay`` with ``at``, an attempt below 1, an empty or non-string ``dedup_key``, a
+    ``dedup_ttl`` that is not positive or comes without a key. Returns the seconds the
+    key is to be remembered (None without a key)."""
     if delay is not None and at is not None:
         raise ValueError(f"enqueue of {job!r}: give delay or at, not both (delay={delay!r}, at={at!r})")
     if attempt < 1:
         raise ValueError(f"enqueue of {job!r}: attempt must be >= 1, got {attempt!r}")
+    if dedup_key is None:
+        if dedup_ttl is not None:
+            raise ValueError(f"enqueue of {job!r}: dedup_ttl={dedup_ttl!r} without a dedup_key")
+        return None
+    if not isinstance(dedup_key, str) or not dedup_key:
+        raise ValueError(f"enqueue of {job!r}: dedup_key must be a non-empty string, got {dedup_key!r}")
+    ttl = DEDUP_TTL if dedup_ttl is None else dedup_ttl
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0 or ttl == float("inf"):
+        raise ValueError(f"enqueue of {job!r}: dedup_ttl must be a positive number of seconds, got {dedup_ttl!r}")
+    return float(ttl)
 
 
 def job_name(job: str | Job[..., Any], payload: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:

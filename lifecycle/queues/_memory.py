@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._base import Delivery, encode_payload, job_name
+from ._base import Delivery, check_enqueue, encode_payload, job_name
 
 if TYPE_CHECKING:
     from .._job import Job
@@ -46,6 +46,7 @@ class MemoryQueue:
         self._dead: dict[str, dict[str, Any]] = {}  # insertion order = age
         self._ids = itertools.count(1)
         self._wakeup: anyio.Event | None = None
+        self._dedup: dict[str, tuple[str, float]] = {}  # dedup_key -> (message id, expiry, monotonic)
         self.acked = 0
 
     def __len__(self) -> int:
@@ -69,9 +70,13 @@ class MemoryQueue:
         delay: float | None = None,
         at: float | None = None,
         attempt: int = 1,
+        dedup_key: str | None = None,
+        dedup_ttl: float | None = None,
     ) -> str:
         """See ``Queue.enqueue``."""
-        return self.enqueue_nowait(job, payload, delay=delay, at=at, attempt=attempt)
+        return self.enqueue_nowait(
+            job, payload, delay=delay, at=at, attempt=attempt, dedup_key=dedup_key, dedup_ttl=dedup_ttl
+        )
 
     def enqueue_nowait(
         self,
@@ -81,14 +86,25 @@ class MemoryQueue:
         delay: float | None = None,
         at: float | None = None,
         attempt: int = 1,
+        dedup_key: str | None = None,
+        dedup_ttl: float | None = None,
     ) -> str:
         """``enqueue`` from sync code (a module filling a queue at import, a test); the
-        arguments are those of ``Queue.enqueue``."""
-        if delay is not None and at is not None:
-            raise ValueError("give delay or at, not both")
+        arguments are those of ``Queue.enqueue``. One event loop, no await between the
+        key check and the enqueue: de-duplication is trivially atomic."""
+        ttl = check_enqueue(job, delay, at, attempt, dedup_key, dedup_ttl)
         name, body = job_name(job, payload)
         body = json.loads(encode_payload(body))
+        if dedup_key is not None and ttl is not None:
+            now = time.monotonic()
+            held = self._dedup.get(dedup_key)
+            if held is not None and held[1] > now:
+                return held[0]
+            if len(self._dedup) > 1024:  # forget expired keys now and then, not per call
+                self._dedup = {key: value for key, value in self._dedup.items() if value[1] > now}
         delivery = Delivery(str(next(self._ids)), name, body, attempt, 0, time.time())
+        if dedup_key is not None and ttl is not None:
+            self._dedup[dedup_key] = (delivery.id, time.monotonic() + ttl)
         if at is not None:
             delay = at - time.time()
         self._schedule(delivery, delay)
@@ -100,6 +116,20 @@ class MemoryQueue:
         else:
             self._ready.append(delivery)
         self._wake()
+
+    async def cancel(self, message_id: str) -> bool:
+        """See ``Queue.cancel``."""
+        for index, (_due, _order, waiting) in enumerate(self._delayed):
+            if waiting.id == message_id:
+                self._delayed[index] = self._delayed[-1]
+                self._delayed.pop()
+                heapq.heapify(self._delayed)
+                return True
+        for waiting in self._ready:  # due, not handed out (in flight ones are not here)
+            if waiting.id == message_id:
+                self._ready.remove(waiting)
+                return True
+        return False
 
     def _wake(self) -> None:
         if self._wakeup is not None:
