@@ -134,7 +134,9 @@ class Worker:
         self.queue = queue
         self.jobs: dict[str, Job[..., Any]] = {}
         schedules = list(schedules)
-        for fn in [*jobs, *(schedule.job for schedule in schedules if isinstance(schedule, Schedule))]:
+        everything: list[Job[..., Any] | Callable[..., Any]] = [*jobs]
+        everything += [schedule.job for schedule in schedules if isinstance(schedule, Schedule)]
+        for fn in everything:
             job = as_job(fn)
             if job.name in self.jobs and self.jobs[job.name] is not job:
                 raise LifecycleError(f"two jobs are named {job.name!r}; give one @job(name=...)")

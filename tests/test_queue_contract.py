@@ -293,4 +293,3 @@ async def test_a_dead_consumers_message_is_redelivered_and_its_delivery_counted(
 
 async def test_lease_is_declared(harness: Harness) -> None:
     assert harness.queue.lease == LEASE
-

@@ -256,4 +256,3 @@ class MemoryQueue:
     async def close(self) -> None:
         """Nothing to release."""
         return None
-
