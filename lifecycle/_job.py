@@ -22,8 +22,8 @@ import inspect
 import math
 import re
 import weakref
-from datetime import timedelta
 from collections.abc import Callable, Iterable, Mapping
+from datetime import timedelta
 from typing import Annotated, Any, Generic, ParamSpec, TypeVar, get_args, get_origin, overload
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
