@@ -7,9 +7,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -446,3 +452,83 @@ async def test_a_job_declared_with_every_runs_in_a_worker_without_schedules() ->
                 await anyio.sleep(0.02)
             worker.stop()
     assert worker.stats["succeeded"] >= 3
+
+
+# -- the command line --------------------------------------------------------------------------
+APP = Path(__file__).with_name("schedule_app.py")
+
+
+def lifecycle_cli(
+    evidence: Path, *args: str, timeout: float = 60, **env: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lifecycle", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "EVIDENCE": str(evidence), **env},
+        timeout=timeout,
+    )
+
+
+def test_list_shows_each_schedule_with_its_next_three_runs(tmp_path: Path) -> None:
+    listed = lifecycle_cli(tmp_path / "evidence", "list", str(APP), EVERY="300")
+    assert listed.returncode == 0, listed.stderr
+    out = listed.stdout
+    assert re.search(
+        r"    schedule nightly\[0 3 \* \* \*\]: cron '0 3 \* \* \*' \(Europe/Berlin\); catch_up=none\n"
+        r"        next: (\d{4}-\d\d-\d\dT03:00:00\+0[12]:00(, )?){3}\n",
+        out,
+    ), out
+    beats = re.search(r"    schedule (beat\[every 300s\]#\w+): every 300s; catch_up=latest; payload: region\n", out)
+    assert beats, out
+    assert out.count(f"schedule {beats.group(1)}") == 2  # under the worker, and as the module's Schedule
+    assert "beats  (Schedule of job 'beat')" in out
+    [nexts] = re.findall(r"beat\[every 300s\].*\n        next: (.*)\n", out)[:1]
+    ticks = [datetime.fromisoformat(t).timestamp() for t in nexts.split(", ")]
+    assert len(ticks) == 3 and all(t % 300 == 0 for t in ticks) and ticks[2] - ticks[0] == 600
+
+
+def test_run_a_worker_target_drives_its_schedules_and_stops_gracefully(tmp_path: Path) -> None:
+    evidence = tmp_path / "evidence"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lifecycle", "run", f"{APP}:worker"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "EVIDENCE": str(evidence), "EVERY": "0.25"},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(evidence.read_text().splitlines() if evidence.exists() else []) < 4:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr and proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.communicate()
+    ticks = [float(line.split()[0]) for line in evidence.read_text().splitlines()]
+    assert len(ticks) == len(set(ticks)) and all(round(t / 0.25, 6).is_integer() for t in ticks)
+
+
+def test_worker_command_runs_module_schedules_unless_told_not_to(tmp_path: Path) -> None:
+    evidence = tmp_path / "evidence"
+    for extra, expect_runs in (([], True), (["--no-schedules"], False)):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lifecycle", "worker", str(APP), "--queue", "memory://", *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "EVIDENCE": str(evidence), "EVERY": "0.25"},
+        )
+        try:
+            deadline = time.monotonic() + (60 if expect_runs else 4)
+            while not evidence.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) == 0
+        finally:
+            proc.kill()
+            proc.communicate()
+        assert evidence.exists() is expect_runs
+        evidence.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ import io
 import json
 import re
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -20,6 +21,7 @@ import click
 from .. import __version__
 from .._errors import DependencyError, PayloadError
 from .._job import Job, collected_errors
+from .._schedule import Schedule
 from .._worker import Worker
 from ._execute import EXIT_FAILED, EXIT_OK, run_batch, run_job, run_worker
 from ._globals import global_params, settings, with_globals
@@ -179,15 +181,36 @@ def list_command(ctx: click.Context, /, target: str, **given: Any) -> None:
     if not selected:
         click.echo(f"{target}: no jobs or workers")
     celery = {id(job) for job in loaded.celery_tasks.values()}
+    now = time.time()
     for name, value in selected.items():
         if isinstance(value, Job):
             text = summary(f"{loaded.source}:{name}", value, value.plan)
             if id(value) in celery:  # the Celery task name is what .delay() and workers use
                 text = text.replace("; retries=", f"; Celery task {value.name!r}; retries=", 1)
             click.echo(text)
+            if value.schedule is not None:
+                click.echo(_schedule_text(value.schedule, now))
         else:
             click.echo(f"{name}  (Worker over {_queue_label(value.queue)}; concurrency={value.concurrency})")
             click.echo(f"    jobs: {', '.join(sorted(value.jobs))}")
+            for schedule in value.schedules:
+                click.echo(_schedule_text(schedule, now))
+    if loaded.attribute is None:
+        for name, schedule in loaded.schedules.items():
+            click.echo(f"{name}  (Schedule of job {schedule.job.name!r})")
+            click.echo(_schedule_text(schedule, now))
+
+
+def _schedule_text(schedule: Schedule, now: float) -> str:
+    """A schedule for ``list``: its name, when it runs, and its next three runs in its
+    own time zone."""
+    upcoming = ", ".join(schedule.local_time(tick).isoformat() for tick in schedule.ticks(now, 3))
+    # Argument names only: a value may be a secret, and list output ends up in logs.
+    payload = f"; payload: {', '.join(sorted(schedule.payload))}" if schedule.payload else ""
+    return (
+        f"    schedule {schedule.name}: {schedule.description}; catch_up={schedule.catch_up}{payload}\n"
+        f"        next: {upcoming}"
+    )
 
 
 def _queue_label(queue: Any) -> str:

@@ -22,6 +22,7 @@ import click
 from .._errors import LifecycleError
 from .._job import Job
 from .._log import describe, redact
+from .._schedule import Schedule
 from .._worker import Worker
 from ..queues import Queue, queue_from_url
 from ._execute import EXIT_FAILED, run_worker
@@ -68,6 +69,11 @@ _QUEUE_HELP = (
     show_default=True,
     help="A message handed out more often (its workers died) is dead-lettered as poison.",
 )
+@click.option(
+    "--no-schedules",
+    is_flag=True,
+    help="Only consume: do not enqueue the ticks of the jobs' schedules and TARGET's Schedule objects.",
+)
 @with_globals
 @click.pass_context
 def worker_command(
@@ -79,10 +85,13 @@ def worker_command(
     shutdown_grace: float,
     poll_interval: float,
     max_deliveries: int,
+    no_schedules: bool,
     **given: Any,
 ) -> None:
     """Consume the queue at URL, running every job in TARGET (or only TARGET:job),
-    until SIGINT/SIGTERM.
+    until SIGINT/SIGTERM. Schedules (``@job(cron=...)``, and TARGET's ``Schedule``
+    objects when no job is named) are driven too: a fleet of workers enqueues each tick
+    once.
 
     \b
       lifecycle worker jobs.py --queue sqlite:///jobs.db --concurrency 32
@@ -98,9 +107,14 @@ def worker_command(
                 f"{target} is a Worker, which has its own queue: run it with 'lifecycle run {target}'"
             )
         jobs: list[Job[..., Any]] = [chosen]
+        schedules: list[Schedule] = []
     else:
         jobs = list(loaded.jobs.values())
-    if not jobs:
+        schedules = list(loaded.schedules.values())
+    if no_schedules:
+        # Jobs keep their @job(cron=...) schedule attribute; the worker is told to drive none.
+        schedules = []
+    if not jobs and not schedules:
         raise click.UsageError(f"{target} defines no @job functions for the worker to run")
     try:
         worker = Worker(
@@ -110,7 +124,10 @@ def worker_command(
             shutdown_grace=shutdown_grace,
             poll_interval=poll_interval,
             max_deliveries=max_deliveries,
+            schedules=schedules,
         )
+        if no_schedules:
+            worker.schedules, worker.scheduler = [], None
     except LifecycleError as exc:
         raise click.UsageError(redact(str(exc))) from None
     ctx.exit(anyio.run(_serve, worker, queue, backend=config["backend"]))

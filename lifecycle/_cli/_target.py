@@ -22,6 +22,7 @@ import click
 
 from .._errors import DependencyError
 from .._job import Job
+from .._schedule import Schedule
 from .._worker import Worker
 from ._signals import log
 
@@ -45,6 +46,11 @@ class Target:
     @property
     def workers(self) -> dict[str, Worker]:
         return {name: value for name, value in vars(self.module).items() if isinstance(value, Worker)}
+
+    @property
+    def schedules(self) -> dict[str, Schedule]:
+        """The module's ``Schedule`` objects (``lifecycle worker`` drives them)."""
+        return {name: value for name, value in vars(self.module).items() if isinstance(value, Schedule)}
 
     @property
     def celery_tasks(self) -> dict[str, Job[..., Any]]:
