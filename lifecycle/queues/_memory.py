@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._base import Delivery, check_enqueue, encode_payload, job_name
+from ._base import Delivery, check_enqueue, encode_headers, encode_payload, job_name
 
 if TYPE_CHECKING:
     from .._job import Job
@@ -70,12 +70,13 @@ class MemoryQueue:
         delay: float | None = None,
         at: float | None = None,
         attempt: int = 1,
+        headers: Mapping[str, str] | None = None,
         dedup_key: str | None = None,
         dedup_ttl: float | None = None,
     ) -> str:
         """See ``Queue.enqueue``."""
         return self.enqueue_nowait(
-            job, payload, delay=delay, at=at, attempt=attempt, dedup_key=dedup_key, dedup_ttl=dedup_ttl
+            job, payload, delay=delay, at=at, attempt=attempt, headers=headers, dedup_key=dedup_key, dedup_ttl=dedup_ttl
         )
 
     def enqueue_nowait(
@@ -86,6 +87,7 @@ class MemoryQueue:
         delay: float | None = None,
         at: float | None = None,
         attempt: int = 1,
+        headers: Mapping[str, str] | None = None,
         dedup_key: str | None = None,
         dedup_ttl: float | None = None,
     ) -> str:
@@ -95,6 +97,7 @@ class MemoryQueue:
         ttl = check_enqueue(job, delay, at, attempt, dedup_key, dedup_ttl)
         name, body = job_name(job, payload)
         body = json.loads(encode_payload(body))
+        text = encode_headers(name, headers)  # the same checks as a broker's, kept as a copy
         if dedup_key is not None and ttl is not None:
             now = time.monotonic()
             held = self._dedup.get(dedup_key)
@@ -103,6 +106,8 @@ class MemoryQueue:
             if len(self._dedup) > 1024:  # forget expired keys now and then, not per call
                 self._dedup = {key: value for key, value in self._dedup.items() if value[1] > now}
         delivery = Delivery(str(next(self._ids)), name, body, attempt, 0, time.time())
+        if text is not None:
+            delivery.headers = json.loads(text)
         if dedup_key is not None and ttl is not None:
             self._dedup[dedup_key] = (delivery.id, time.monotonic() + ttl)
         if at is not None:
@@ -241,7 +246,7 @@ class MemoryQueue:
             if record is None or record.get("reason") == "malformed" or not isinstance(record.get("payload"), dict):
                 continue
             del self._dead[dead_id]
-            self.enqueue_nowait(record["job"], record["payload"])
+            self.enqueue_nowait(record["job"], record["payload"], headers=record.get("headers"))
             replayed += 1
         return replayed
 
