@@ -62,6 +62,7 @@ from ._base import (
     BrokerUnavailable,
     Delivery,
     MalformedMessage,
+    check_enqueue,
     dead_record_from_row,
     decode_headers,
     decode_payload,
@@ -109,6 +110,13 @@ CREATE TABLE IF NOT EXISTS lifecycle_dead_letters (
     failed_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS lifecycle_dead_letters_queue ON lifecycle_dead_letters (queue, id);
+CREATE TABLE IF NOT EXISTS lifecycle_dedup (
+    queue TEXT NOT NULL,
+    key TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (queue, key)
+);
 """
 _MESSAGE_COLUMNS = {
     "id", "queue", "job", "payload", "attempt", "deliveries", "enqueued_at", "run_at", "owner", "claim",
@@ -397,6 +405,8 @@ class SqliteQueue:
         at: float | None = None,
         attempt: int = 1,
         headers: Mapping[str, str] | None = None,
+        dedup_key: str | None = None,
+        dedup_ttl: float | None = None,
     ) -> str:
         """Add a message; returns its id.
 
@@ -409,11 +419,67 @@ class SqliteQueue:
             at: when to run it, in seconds since the epoch (a past time means now).
             attempt: the attempt number the message carries (>= 1).
             headers: string metadata handed back as ``Delivery.headers``.
+            dedup_key: while a message enqueued with this key is remembered, add
+                nothing and return its id. The key row and the message row are written
+                in one ``BEGIN IMMEDIATE`` transaction, so racing producers (of any
+                process) make one message.
+            dedup_ttl: seconds the key is remembered (default ``DEDUP_TTL``, a day).
         """
-        [message_id] = await self.enqueue_many(
-            job, [payload or {}], delay=delay, at=at, attempt=attempt, headers=headers
-        )
+        ttl = check_enqueue(job, delay, at, attempt, dedup_key, dedup_ttl)
+        if dedup_key is None or ttl is None:
+            [message_id] = await self.enqueue_many(
+                job, [payload or {}], delay=delay, at=at, attempt=attempt, headers=headers
+            )
+            return message_id
+        key, remember = dedup_key, ttl
+        due = self._due(job, delay, at, attempt)
+        header_text = encode_headers(job, headers)
+        name, args = job_name(job, payload)
+        body = encode_payload(args)
+        now = time.time()
+        created = False
+
+        def insert_once(conn: sqlite3.Connection) -> str:
+            nonlocal created
+            held = conn.execute(
+                "SELECT message_id FROM lifecycle_dedup WHERE queue = ? AND key = ? AND expires_at > ?",
+                (self.name, key, now),
+            ).fetchone()
+            if held is not None:
+                return _text(held[0])
+            conn.execute("DELETE FROM lifecycle_dedup WHERE queue = ? AND expires_at <= ?", (self.name, now))
+            cursor = conn.execute(
+                "INSERT INTO lifecycle_messages (queue, job, payload, attempt, enqueued_at, run_at, headers) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (self.name, name, body, attempt, now, max(due, now), header_text),
+            )
+            message_id = str(cursor.lastrowid)
+            conn.execute(
+                "INSERT INTO lifecycle_dedup (queue, key, message_id, expires_at) VALUES (?, ?, ?, ?)",
+                (self.name, key, message_id, now + remember),
+            )
+            created = True
+            return message_id
+
+        message_id = await self._call(f"enqueue of job {name!r}", insert_once)
+        if created and due <= now:
+            self._wake()
         return message_id
+
+    async def cancel(self, message_id: str) -> bool:
+        """See ``Queue.cancel``: deletes the row if no consumer holds it."""
+        try:
+            row_id = int(message_id)
+        except ValueError:
+            return False
+
+        def delete(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "DELETE FROM lifecycle_messages WHERE queue = ? AND id = ? AND owner IS NULL", (self.name, row_id)
+            )
+            return cursor.rowcount == 1
+
+        return await self._call(f"cancel of message {message_id!r}", delete)
 
     async def enqueue_many(
         self,
