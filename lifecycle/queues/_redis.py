@@ -125,7 +125,8 @@ end
 return lost
 """
 
-# KEYS: delayed set, stream. ARGV: now, limit. A member that does not decode is moved
+# KEYS: delayed set, stream, the index of cancellable delayed members (uid -> member).
+# ARGV: now, limit. A member that does not decode is moved
 # as it is, so that it reaches the worker as a malformed message instead of failing
 # this script, and so every receive, forever. Returns {moved, score of the next due}.
 _PROMOTE = """
@@ -140,6 +141,9 @@ for _, member in ipairs(due) do
       table.insert(f, m.headers)
     end
     redis.call('XADD', KEYS[2], '*', unpack(f))
+    if type(m.uid) == 'string' then
+      redis.call('HDEL', KEYS[3], m.uid)
+    end
   else
     redis.call('XADD', KEYS[2], '*', 'delayed_member', member)
   end
@@ -147,6 +151,62 @@ for _, member in ipairs(due) do
 end
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {#due, nxt[2] or false}
+"""
+
+# KEYS: dedup key, stream, delayed set, delayed index. ARGV: key ttl ms, due score or
+# '' for now, the delayed member, its uid, then the stream fields. One script, so the
+# key check, the enqueue and the key are one step for every producer: {created, id}.
+_ENQUEUE_ONCE = """
+local held = redis.call('GET', KEYS[1])
+if held then
+  return {0, held}
+end
+local id
+if ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+  redis.call('HSET', KEYS[4], ARGV[4], ARGV[3])
+  id = 'delayed:' .. ARGV[4]
+else
+  id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+end
+redis.call('SET', KEYS[1], id, 'PX', ARGV[1])
+return {1, id}
+"""
+
+# KEYS: stream, delayed set, delayed index. ARGV: group, message id. A delayed message
+# is removed from the set if it is still there; a stream entry is deleted if the group
+# has not read it yet (its id is after the group's last delivered id). Returns 1 or 0.
+_CANCEL = """
+local delayed = string.match(ARGV[2], '^delayed:(.+)$')
+if delayed then
+  local member = redis.call('HGET', KEYS[3], delayed)
+  if not member then
+    return 0
+  end
+  redis.call('HDEL', KEYS[3], delayed)
+  return redis.call('ZREM', KEYS[2], member)
+end
+local ms, seq = string.match(ARGV[2], '^(%d+)-(%d+)$')
+if not ms then
+  return 0
+end
+local last = nil
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local name, delivered = nil, nil
+  for i = 1, #group, 2 do
+    if group[i] == 'name' then name = group[i + 1] end
+    if group[i] == 'last-delivered-id' then delivered = group[i + 1] end
+  end
+  if name == ARGV[1] then last = delivered end
+end
+if last then
+  local lms, lseq = string.match(last, '^(%d+)-(%d+)$')
+  local after = tonumber(ms) > tonumber(lms) or (tonumber(ms) == tonumber(lms) and tonumber(seq) > tonumber(lseq))
+  if not after then
+    return 0
+  end
+end
+return redis.call('XDEL', KEYS[1], ARGV[2])
 """
 
 # KEYS: stream. ARGV: group, consumer, min idle ms, cursor, count. Returns
@@ -343,6 +403,7 @@ class RedisStreamQueue:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.dead_letter_stream = dead_letter_stream or f"{stream}:dead"
         self.delayed_key = f"{stream}:delayed"
+        self.delayed_index_key = f"{stream}:delayed:ids"  # uid -> member, for cancel
         self.claim_idle = claim_idle
         self.lease: float | None = claim_idle
         self.claim_interval = claim_interval if claim_interval is not None else claim_idle / 2
@@ -477,7 +538,7 @@ class RedisStreamQueue:
                     )
             self._group_ready = False
             await self._ensure_group(redis)
-            for source in (_SETTLE, _RENEW, _PROMOTE, _RECLAIM, _FORGET, _REPLAY, _PURGE_ALL):
+            for source in (_SETTLE, _RENEW, _PROMOTE, _RECLAIM, _FORGET, _REPLAY, _PURGE_ALL, _ENQUEUE_ONCE, _CANCEL):
                 await redis.script_load(source)
 
     # -- producing ----------------------------------------------------------------------
@@ -490,6 +551,8 @@ class RedisStreamQueue:
         at: float | None = None,
         attempt: int = 1,
         headers: Mapping[str, str] | None = None,
+        dedup_key: str | None = None,
+        dedup_ttl: float | None = None,
     ) -> str:
         """Add a message; returns its stream id, or ``delayed:<uid>`` for a later one.
 
@@ -502,21 +565,47 @@ class RedisStreamQueue:
             at: when to run it, in seconds since the epoch (a past time means now).
             attempt: the attempt number the message carries (>= 1).
             headers: string metadata handed back as ``Delivery.headers``.
+            dedup_key: while a message enqueued with this key is remembered, add
+                nothing and return its id: one Lua script checks the key, adds the
+                entry (or the delayed member) and sets the key, so racing producers
+                make one message.
+            dedup_ttl: seconds the key is remembered (default ``DEDUP_TTL``, a day).
         """
-        check_enqueue(job, delay, at, attempt)
+        ttl = check_enqueue(job, delay, at, attempt, dedup_key, dedup_ttl)
         name, args = job_name(job, payload)
         body = encode_payload(args)
         header_text = encode_headers(name, headers)
         now = time.time()
         due = now + delay if delay is not None else at
         redis = self._client()
+        later = due is not None and due > now
         with self._errors(f"enqueue of job {name!r}"):
-            if due is not None and due > now:
+            if ttl is not None and dedup_key is not None:
                 member, uid = _delayed_member(name, body, attempt, repr(now), header_text)
-                await redis.zadd(self.delayed_key, {member: due})
+                fields = _message_fields(name, body, attempt, repr(now), header_text)
+                _created, message_id = await self._script(_ENQUEUE_ONCE)(
+                    keys=[f"{self.stream}:dedup:{dedup_key}", self.stream, self.delayed_key, self.delayed_index_key],
+                    args=[max(1, math.ceil(ttl * 1000)), repr(due) if later else "", member, uid, *fields],
+                )
+                return _text(message_id)
+            if later:
+                member, uid = _delayed_member(name, body, attempt, repr(now), header_text)
+                async with redis.pipeline(transaction=True) as pipe:  # cancellable: indexed by uid
+                    pipe.zadd(self.delayed_key, {member: due})
+                    pipe.hset(self.delayed_index_key, uid, member)
+                    await pipe.execute()
                 return f"delayed:{uid}"
             fields = _message_fields(name, body, attempt, repr(now), header_text)
             return _text(await redis.xadd(self.stream, _pairs(fields)))  # type: ignore[arg-type]
+
+    async def cancel(self, message_id: str) -> bool:
+        """See ``Queue.cancel``: a delayed message (``delayed:<uid>``) still waiting, or
+        a stream entry the group has not read yet; one Lua script either way."""
+        with self._errors(f"cancel of message {message_id!r}"):
+            removed = await self._script(_CANCEL)(
+                keys=[self.stream, self.delayed_key, self.delayed_index_key], args=[self.group, message_id]
+            )
+        return bool(removed)
 
     # -- consuming ----------------------------------------------------------------------
     async def receive(self, limit: int, timeout: float) -> list[Delivery]:
@@ -540,7 +629,9 @@ class RedisStreamQueue:
 
     async def _receive(self, redis: Redis, limit: int, timeout: float) -> list[Delivery]:
         await self._ensure_group(redis)
-        promoted = await self._script(_PROMOTE)(keys=[self.delayed_key, self.stream], args=[repr(time.time()), 100])
+        promoted = await self._script(_PROMOTE)(
+            keys=[self.delayed_key, self.stream, self.delayed_index_key], args=[repr(time.time()), 100]
+        )
         wait = min(max(timeout, 0.0), self._block_cap)
         if promoted[1] is not None:  # a delayed message falls due sooner
             wait = min(wait, max(float(promoted[1]) - time.time(), 0.0))

@@ -34,5 +34,7 @@ async def harness(request: pytest.FixtureRequest, lease: float) -> AsyncIterator
     finally:
         await redis.close()
         client = Redis.from_url(url)
-        await client.delete(stream, f"{stream}:dead", f"{stream}:delayed")
+        await client.delete(stream, f"{stream}:dead", f"{stream}:delayed", f"{stream}:delayed:ids")
+        async for key in client.scan_iter(match=f"{stream}:dedup:*"):  # the dedup keys of this stream only
+            await client.delete(key)
         await client.aclose()
