@@ -87,7 +87,17 @@ def sqlite_fleet(tmp_path: Path) -> Iterator[Fleet]:
     yield Fleet("sqlite", f"sqlite:///{tmp_path / 'fleet.db'}?lease=5", tmp_path / "sqlite.evidence")
 
 
-FLEETS: list[Callable[[Path], Iterator[Fleet]]] = [redis_fleet, sqlite_fleet]
+def postgres_fleet(tmp_path: Path) -> Iterator[Fleet]:
+    import anyio
+    from harnesses.postgres import POSTGRES_DSN, check_postgres, drop_tables
+
+    require_service("PostgreSQL", check_postgres)
+    table = f"fleet_{uuid.uuid4().hex[:12]}"
+    yield Fleet("postgres", f"{POSTGRES_DSN}?table={table}&lease=5", tmp_path / "postgres.evidence")
+    anyio.run(drop_tables, table)
+
+
+FLEETS: list[Callable[[Path], Iterator[Fleet]]] = [redis_fleet, sqlite_fleet, postgres_fleet]
 
 
 def test_three_workers_run_each_tick_once_through_a_kill_and_a_restart(tmp_path: Path) -> None:

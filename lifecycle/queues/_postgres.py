@@ -110,6 +110,8 @@ def _schema(table: str) -> list[str]:
         f'CREATE INDEX IF NOT EXISTS "{table}_leased" ON {q} (lease_until) WHERE owner IS NOT NULL',
         f'CREATE TABLE IF NOT EXISTS "{table}_dead" (id bigserial PRIMARY KEY, record text NOT NULL, '
         "raw_job text, raw_payload bytea, raw_attempt bigint, raw_enqueued_at float8, failed_at float8 NOT NULL)",
+        f'CREATE TABLE IF NOT EXISTS "{table}_dedup" (key text PRIMARY KEY, message_id text NOT NULL, '
+        "expires_at float8 NOT NULL)",
     ]
 
 
@@ -400,6 +402,8 @@ class PostgresQueue:
         at: float | None = None,
         attempt: int = 1,
         headers: Mapping[str, str] | None = None,
+        dedup_key: str | None = None,
+        dedup_ttl: float | None = None,
     ) -> str:
         """Add a message (and NOTIFY the listening consumers if it is due now); returns
         its id.
@@ -414,13 +418,62 @@ class PostgresQueue:
             at: when to run it, in seconds since the epoch (a past time means now).
             attempt: the attempt number the message carries (>= 1).
             headers: string metadata handed back as ``Delivery.headers``.
+            dedup_key: while a message enqueued with this key is remembered, add
+                nothing and return its id. The key's row (table ``<table>_dedup``) and
+                the message are written in one transaction; racing producers wait on
+                the key's row and find it taken (see ``_claim_key``).
+            dedup_ttl: seconds the key is remembered (default ``DEDUP_TTL``, a day),
+                by the server's clock.
         """
-        check_enqueue(job, delay, at, attempt)
+        ttl = check_enqueue(job, delay, at, attempt, dedup_key, dedup_ttl)
         name, args = job_name(job, payload)
         body = encode_payload(args).encode("utf-8")
         header_text = encode_headers(name, headers)
-        ids = await self._insert(f"enqueue of job {name!r}", [(name, body)], delay, at, attempt, header_text)
-        return ids[0]
+        op = f"enqueue of job {name!r}"
+        if dedup_key is None or ttl is None:
+            ids = await self._insert(op, [(name, body)], delay, at, attempt, header_text)
+            return ids[0]
+        async with self._conn(op) as conn, conn.transaction():
+            held = await self._claim_key(conn, dedup_key, ttl)
+            if held is not None:
+                return held
+            [message_id] = await self._insert(op, [(name, body)], delay, at, attempt, header_text, conn=conn)
+            await conn.execute(f'UPDATE "{self.table}_dedup" SET message_id = $2 WHERE key = $1', dedup_key, message_id)
+            return message_id
+
+    async def _claim_key(self, conn: Any, key: str, ttl: float) -> str | None:
+        """Take ``key`` in the caller's transaction: None if this producer took it (it is
+        new, or its last holder expired), else the id of the message holding it. A
+        producer racing for the same key blocks on the row until the first commits,
+        then re-checks the ``WHERE`` against the committed row: exactly one wins."""
+        claimed = await conn.fetchval(
+            f'INSERT INTO "{self.table}_dedup" AS d (key, message_id, expires_at) VALUES ($1, \'\', {_NOW} + $2) '
+            f"ON CONFLICT (key) DO UPDATE SET message_id = '', expires_at = EXCLUDED.expires_at "
+            f"WHERE d.expires_at <= {_NOW} RETURNING true",
+            key,
+            ttl,
+        )
+        if claimed:
+            # Expired keys go now and then: a cheap indexed delete, never more than a few rows.
+            await conn.execute(
+                f'DELETE FROM "{self.table}_dedup" WHERE key IN (SELECT key FROM "{self.table}_dedup" '
+                f"WHERE expires_at <= {_NOW} LIMIT 100)"
+            )
+            return None
+        held: str | None = await conn.fetchval(f'SELECT message_id FROM "{self.table}_dedup" WHERE key = $1', key)
+        return held if held is not None else ""
+
+    async def cancel(self, message_id: str) -> bool:
+        """See ``Queue.cancel``: deletes the row if no consumer holds it."""
+        try:
+            row_id = int(message_id)
+        except ValueError:
+            return False
+        async with self._conn(f"cancel of message {message_id!r}") as conn:
+            deleted = await conn.fetchval(
+                f'DELETE FROM "{self.table}" WHERE id = $1 AND owner IS NULL RETURNING true', row_id
+            )
+        return bool(deleted)
 
     async def enqueue_many(self, job: str | Job[..., Any], payloads: Sequence[Mapping[str, Any]]) -> list[str]:
         """Add many messages of one job in one statement (one NOTIFY); returns their ids.
@@ -445,6 +498,7 @@ class PostgresQueue:
         at: float | None,
         attempt: int,
         headers: str | None,
+        conn: Any = None,
     ) -> list[str]:
         statement = (
             f'WITH m AS (INSERT INTO "{self.table}" (job, payload, attempt, enqueued_at, run_at, headers) '
@@ -455,10 +509,12 @@ class PostgresQueue:
         )
         names = [name for name, _ in rows]
         bodies = [body for _, body in rows]
-        async with self._conn(op) as conn:
-            records = await conn.fetch(
-                statement, names, bodies, attempt, max(delay or 0.0, 0.0), at, self.channel, headers
-            )
+        arguments = (names, bodies, attempt, max(delay or 0.0, 0.0), at, self.channel, headers)
+        if conn is not None:  # the caller's transaction (a dedup_key's)
+            records = await conn.fetch(statement, *arguments)
+        else:
+            async with self._conn(op) as fresh:
+                records = await fresh.fetch(statement, *arguments)
         return [str(record[0]) for record in records]
 
     # -- consuming ----------------------------------------------------------------------

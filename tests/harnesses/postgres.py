@@ -34,7 +34,9 @@ async def drop_tables(table: str) -> None:
 
     conn = await asyncpg.connect(POSTGRES_DSN)
     try:
-        await conn.execute(f'DROP TABLE IF EXISTS "{table}", "{table}_dead"; DROP SEQUENCE IF EXISTS "{table}_seq"')
+        await conn.execute(
+            f'DROP TABLE IF EXISTS "{table}", "{table}_dead", "{table}_dedup"; DROP SEQUENCE IF EXISTS "{table}_seq"'
+        )
     finally:
         await conn.close()
 
