@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import math
 import re
@@ -236,6 +237,9 @@ class NatsQueue:
             command) may take before ``BrokerUnavailable``.
         duplicate_window: seconds (> 0) the work stream remembers ``Nats-Msg-Id``s
             (set when the stream is created).
+        dedup_max_age: seconds (> 0) the stream of ``dedup_key``s keeps a key at most
+            (its ``max_age``, set when it is created; a key's own ``dedup_ttl`` is cut
+            to it). Default a week: one small message per key lives that long.
         name: the connection's name as the server shows it; default ``lifecycle-<stream>``.
     """
 
@@ -252,6 +256,7 @@ class NatsQueue:
         request_timeout: float = 5.0,
         duplicate_window: float = 120.0,
         name: str | None = None,
+        dedup_max_age: float = 7 * 86400.0,
     ) -> None:
         require_asyncio("NatsQueue", "nats-py's client")
         for label, value in (
@@ -259,6 +264,7 @@ class NatsQueue:
             ("connect_timeout", connect_timeout),
             ("request_timeout", request_timeout),
             ("duplicate_window", duplicate_window),
+            ("dedup_max_age", dedup_max_age),
         ):
             if not value > 0:
                 raise ValueError(f"NatsQueue {label} must be positive, got {value!r}")
@@ -284,6 +290,10 @@ class NatsQueue:
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.duplicate_window = duplicate_window
+        self.dedup_stream = f"{stream}_DEDUP"
+        self.dedup_subject = f"_lifecycle.{stream}.dedup"
+        self.dedup_max_age = dedup_max_age
+        self._dedup_ready = False
         self.name = name or f"lifecycle-{stream}"
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
@@ -498,6 +508,8 @@ class NatsQueue:
         attempt: int = 1,
         headers: Mapping[str, str] | None = None,
         message_id: str | None = None,
+        dedup_key: str | None = None,
+        dedup_ttl: float | None = None,
     ) -> str:
         """Publish a message; returns its stream sequence (``delayed:<sequence>`` for a
         later one). A repeat with the same ``message_id`` within ``duplicate_window``
@@ -515,8 +527,19 @@ class NatsQueue:
             message_id: the ``Nats-Msg-Id`` for de-duplication (a producer that retries
                 a publish whose answer it lost passes the same one); default a new
                 random id.
+            dedup_key: while a message enqueued with this key is remembered, add
+                nothing and return its id. The key is claimed first, in the stream
+                ``<stream>_DEDUP`` (one subject per key, created only if the subject
+                has no message yet: the server decides between racing producers),
+                then the message is published; see ``_enqueue_once``.
+            dedup_ttl: seconds the key is remembered (default ``DEDUP_TTL``, a day;
+                at most ``dedup_max_age``).
         """
-        check_enqueue(job, delay, at, attempt)
+        ttl = check_enqueue(job, delay, at, attempt, dedup_key, dedup_ttl)
+        if dedup_key is not None and ttl is not None:
+            if message_id is not None:
+                raise ValueError(f"enqueue of {job!r}: give message_id or dedup_key, not both")
+            return await self._enqueue_once(job, payload, delay, at, attempt, headers, dedup_key, ttl)
         name, args = job_name(job, payload)
         body = encode_payload(args).encode()
         header_text = encode_headers(name, headers)
@@ -533,6 +556,121 @@ class NatsQueue:
                 return f"delayed:{ack.seq}"
             ack = await js.publish(self.subject, body, stream=self.stream, headers=fields)
             return str(ack.seq)
+
+    async def _dedup_js(self) -> JetStreamContext:
+        """The stream of dedup keys, created on first use (a queue that never
+        de-duplicates never has it): limits retention, one message per subject."""
+        _, js = await self._ensure_streams()
+        if self._dedup_ready:
+            return js
+        nats = _nats()
+        from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+
+        try:
+            await js.stream_info(self.dedup_stream)
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(
+                StreamConfig(
+                    name=self.dedup_stream,
+                    subjects=[f"{self.dedup_subject}.>"],
+                    retention=RetentionPolicy.LIMITS,
+                    storage=StorageType.FILE,
+                    max_msgs_per_subject=1,
+                    max_age=self.dedup_max_age,
+                )
+            )
+        self._dedup_ready = True
+        return js
+
+    async def _enqueue_once(
+        self,
+        job: str | Job[..., Any],
+        payload: Mapping[str, Any] | None,
+        delay: float | None,
+        at: float | None,
+        attempt: int,
+        headers: Mapping[str, str] | None,
+        key: str,
+        ttl: float,
+    ) -> str:
+        """Claim ``key``, then publish. The claim is a publish to the key's subject that
+        the server accepts only if the subject holds no message (or, for an expired
+        key, still holds the expired one): exactly one racing producer wins. The winner
+        publishes the message (its ``Nats-Msg-Id`` is the claim's, so its own retry is
+        not stored twice) and then records the message's id on the key; the others wait
+        for that record and return it. A winner that dies between the claim and the
+        publish leaves the key without a message: that enqueue is lost, never doubled."""
+        nats = _nats()
+        name, _ = job_name(job, payload)
+        subject = f"{self.dedup_subject}.{hashlib.sha256(key.encode()).hexdigest()}"
+        ttl = min(ttl, self.dedup_max_age)
+        claim = uuid.uuid4().hex
+        with self._errors(f"enqueue of job {name!r} (dedup_key)"):
+            js = await self._dedup_js()
+            expected = "0"
+            deadline = time.monotonic() + 5 * self.request_timeout
+            while True:
+                now = time.time()
+                record = json.dumps({"expires": now + ttl, "claim": claim, "id": None}).encode()
+                try:
+                    ack = await js.publish(
+                        subject,
+                        record,
+                        stream=self.dedup_stream,
+                        headers={"Nats-Expected-Last-Subject-Sequence": expected},
+                    )
+                except nats.js.errors.BadRequestError as exc:
+                    if getattr(exc, "err_code", None) != 10071:  # not "wrong last sequence"
+                        raise
+                else:
+                    break
+                try:
+                    last = await js.get_last_msg(self.dedup_stream, subject)
+                except nats.js.errors.NotFoundError:
+                    expected = "0"  # the key aged out meanwhile: claim it afresh
+                    continue
+                held = json.loads(last.data or b"{}")
+                if float(held.get("expires", 0)) <= now:
+                    expected = str(last.seq)  # expired: take it over, if nobody else does first
+                    continue
+                if held.get("id"):
+                    return str(held["id"])
+                if time.monotonic() >= deadline:
+                    # Claimed, and its message never recorded: its producer died in between.
+                    return f"claimed:{held.get('claim')}"
+                await asyncio.sleep(0.05)
+        message_id = await self.enqueue(
+            job, payload, delay=delay, at=at, attempt=attempt, headers=headers, message_id=claim
+        )
+        with self._errors(f"enqueue of job {name!r} (dedup_key)"):
+            done = json.dumps({"expires": now + ttl, "claim": claim, "id": message_id}).encode()
+            await js.publish(
+                subject, done, stream=self.dedup_stream, headers={"Nats-Expected-Last-Subject-Sequence": str(ack.seq)}
+            )
+        return message_id
+
+    async def cancel(self, message_id: str) -> bool:
+        """See ``Queue.cancel``: a delayed message still in the delayed stream, or a
+        work-stream message the consumer has not delivered yet, is deleted. The check
+        and the delete are two requests: a cancel in the same milliseconds as the
+        message's delivery (or, for a delayed one, its promotion when due) can lose."""
+        nats = _nats()
+        delayed = message_id.startswith("delayed:")
+        try:
+            sequence = int(message_id.removeprefix("delayed:"))
+        except ValueError:
+            return False
+        stream = self.delayed_stream if delayed else self.stream
+        with self._errors(f"cancel of message {message_id!r}"):
+            _, js = await self._ensure_streams()
+            if not delayed:
+                info = await js.consumer_info(self.stream, self.durable)
+                if sequence <= info.delivered.stream_seq:
+                    return False
+            try:
+                return bool(await js.delete_msg(stream, sequence))
+            except (nats.js.errors.NotFoundError, nats.js.errors.ServerError):
+                return False  # no such message (any more)
 
     # -- consuming ----------------------------------------------------------------------
     async def receive(self, limit: int, timeout: float) -> list[Delivery]:

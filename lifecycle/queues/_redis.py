@@ -588,7 +588,7 @@ class RedisStreamQueue:
                     args=[max(1, math.ceil(ttl * 1000)), repr(due) if later else "", member, uid, *fields],
                 )
                 return _text(message_id)
-            if later:
+            if later and due is not None:
                 member, uid = _delayed_member(name, body, attempt, repr(now), header_text)
                 async with redis.pipeline(transaction=True) as pipe:  # cancellable: indexed by uid
                     pipe.zadd(self.delayed_key, {member: due})

@@ -41,7 +41,7 @@ async def delete_streams(url: str, stream: str) -> None:
     client = await nats.connect(url)
     try:
         js = client.jetstream()
-        for name in (stream, f"{stream}_DELAYED", f"{stream}_DEAD"):
+        for name in (stream, f"{stream}_DELAYED", f"{stream}_DEAD", f"{stream}_DEDUP"):
             with suppress(NotFoundError):
                 await js.delete_stream(name)
     finally:
