@@ -206,11 +206,16 @@ class Schedule:
         stamp = datetime.fromtimestamp(tick, UTC).isoformat(timespec="milliseconds")
         return f"lifecycle:schedule:{self.name}@{stamp}"
 
-    def remember_for(self, tick: float, now: float) -> float:
-        """Seconds, from ``now``, the queue keeps the key of ``tick``: until one period
-        (at least a minute) after the tick that follows it."""
+    def remember_for(self, tick: float) -> float:
+        """Seconds the queue keeps the key of ``tick`` from its enqueue: the period
+        before the tick (the earliest a worker enqueues it), the period after it, and
+        that again (at least a minute) as a margin, so a worker starting before the
+        following tick finds the key. It depends on the tick alone, so every worker
+        asks for the same (RabbitMQ declares the key with it: equal or refused)."""
+        before = self.previous_tick(tick - 0.001)
         following = self.next_tick(tick)
-        return max(following - now, 0.0) + max(following - tick, _MIN_REMEMBER)
+        ahead = tick - before if before is not None else following - tick
+        return ahead + (following - tick) + max(following - tick, _MIN_REMEMBER)
 
     def message_payload(self, tick: float) -> dict[str, Any]:
         """The payload of the run for ``tick``: the schedule's, plus the tick's time in
@@ -325,14 +330,13 @@ class Scheduler:
         give_up = schedule.next_tick(tick)
         failures = 0
         while True:
-            now = self.clock.now()
             try:
                 message_id = await self.queue.enqueue(
                     schedule.job,
                     schedule.message_payload(tick),
                     at=None if due_now else tick,
                     dedup_key=schedule.key(tick),
-                    dedup_ttl=schedule.remember_for(tick, now),
+                    dedup_ttl=schedule.remember_for(tick),
                 )
             except Exception as exc:
                 failures += 1

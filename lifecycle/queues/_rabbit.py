@@ -37,6 +37,19 @@ here. Invariants:
 - Every field is decoded here: a message whose headers or body do not decode comes
   back as a ``Delivery`` whose ``malformed`` says why; its dead letter keeps the body's
   exact bytes.
+- De-duplication (``enqueue(dedup_key=)``): RabbitMQ has none without a plugin. A key
+  is a small classic queue of length one that refuses more (``x-max-length: 1``,
+  ``x-overflow: reject-publish``) whose one message lives the key's ttl
+  (``x-message-ttl``): the producer whose publish the broker confirms owns the key and
+  publishes the message; the others are refused (nack). The message's id is derived
+  from the key, so every producer returns it without reading. The claim and the
+  message are two publishes: a producer that dies between them leaves the key without
+  a message (that enqueue is lost, never doubled). Every producer of a key must give
+  the same ttl (the queue is declared with it).
+- Cancelling works for delayed messages: each has a state queue of the same shape
+  (``<queue>.state.<id>``); ``cancel`` and the consumer race to publish into it, the
+  broker confirms one. A message that is due cannot be taken out of a queue's middle:
+  ``cancel`` returns False for it.
 - Transient failures (refused or lost connection, a broker that does not answer within
   ``timeout``) raise ``BrokerUnavailable``; the next call connects again."""
 
@@ -45,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -459,6 +473,8 @@ class RabbitQueue:
         at: float | None = None,
         attempt: int = 1,
         headers: Mapping[str, str] | None = None,
+        dedup_key: str | None = None,
+        dedup_ttl: float | None = None,
     ) -> str:
         """Add a message (confirmed by the broker); returns its message id.
 
@@ -472,8 +488,13 @@ class RabbitQueue:
             at: when to run it, in seconds since the epoch (a past time means now).
             attempt: the attempt number the message carries (>= 1).
             headers: string metadata handed back as ``Delivery.headers``.
+            dedup_key: while a message enqueued with this key is remembered, add
+                nothing and return its id (see the module docstring for how, and for
+                what it guarantees).
+            dedup_ttl: seconds the key is remembered after its last use (default
+                ``DEDUP_TTL``, a day). Every producer of one key must give the same.
         """
-        check_enqueue(job, delay, at, attempt)
+        ttl = check_enqueue(job, delay, at, attempt, dedup_key, dedup_ttl)
         name, args = job_name(job, payload)
         body = encode_payload(args).encode("utf-8")
         header_text = encode_headers(name, headers)
@@ -483,8 +504,114 @@ class RabbitQueue:
         fields: dict[str, Any] = {"job": name, "attempt": attempt, "enqueued_at": repr(now)}
         if header_text is not None:
             fields["headers"] = header_text
-        await self._send(body, fields, message_id, due, f"enqueue of job {name!r}")
+        operation = f"enqueue of job {name!r}"
+        if dedup_key is not None and ttl is not None:
+            # The id is the key's digest: a refused producer knows it without reading
+            # the key's queue (a read would take its message out for a moment, and
+            # x-max-length counts only messages ready in the queue).
+            digest = hashlib.sha256(dedup_key.encode()).hexdigest()
+            message_id = f"k{digest[:32]}"
+            outcome, _ = await self._claim(f"{self.queue}.dedup.{digest[:40]}", b"", ttl, operation, key=True)
+            if outcome == "held":
+                return message_id
+        if due is not None and due > now:
+            # Cancellable until a consumer takes it: an empty state queue that outlives
+            # the delay by ten minutes unused (then the message simply runs).
+            await self._claim(f"{self.queue}.state.{message_id}", None, due - now + 600, operation)
+            fields["cancellable"] = "1"
+        await self._send(body, fields, message_id, due, operation)
         return message_id
+
+    async def _claim(
+        self, name: str, body: bytes | None, ttl: float | None, operation: str, *, key: bool = False
+    ) -> tuple[str, bytes]:
+        """Publish ``body`` into the one-message queue ``name``, declared with ``ttl``
+        as its ``x-expires`` (None: only if it exists; ``key``: ``ttl`` is the
+        message's ``x-message-ttl``, so the key is free again ``ttl`` after its claim,
+        and the queue goes a minute later unused). Returns ``("claimed", b"")``
+        when the broker confirmed it (this caller holds the queue now), ``("held",
+        body)`` with the body it holds otherwise, ``("missing", b"")`` when there is no
+        such queue. ``body`` None only declares it. A fresh channel each time: a
+        refused declare closes its channel, never the publisher's."""
+        aio_pika = import_client("aio_pika", "RabbitQueue", "rabbitmq")
+        from aiormq import exceptions, spec
+
+        with self._errors(operation):
+            connection = await self._connect()
+            for _ in range(5):
+                channel = await asyncio.wait_for(connection.channel(), self.timeout)
+                try:
+                    try:
+                        if ttl is None:
+                            queue = await asyncio.wait_for(channel.declare_queue(name, passive=True), self.timeout)
+                        else:
+                            ms = max(1, math.ceil(ttl * 1000))
+                            arguments: dict[str, Any] = {
+                                "x-max-length": 1,
+                                "x-overflow": "reject-publish",
+                                "x-expires": ms + 60_000 if key else max(1000, ms),
+                            }
+                            if key:
+                                arguments["x-message-ttl"] = ms
+                            queue = await asyncio.wait_for(
+                                channel.declare_queue(name, durable=True, arguments=arguments), self.timeout
+                            )
+                    except exceptions.ChannelNotFoundEntity:
+                        return "missing", b""
+                    except exceptions.ChannelPreconditionFailed:
+                        ttl = None  # declared by another producer with another ttl: it exists
+                        continue
+                    if body is None:
+                        return "claimed", b""
+                    message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+                    try:
+                        confirmed = await channel.default_exchange.publish(
+                            message, routing_key=name, timeout=self.timeout
+                        )
+                    except exceptions.DeliveryError:
+                        confirmed = None
+                    if isinstance(confirmed, spec.Basic.Ack):
+                        return "claimed", b""
+                    # Nacked: the queue is full, it holds a message already.
+                    if key:
+                        return "held", b""
+                    held = await queue.get(no_ack=False, fail=False, timeout=self.timeout)
+                    if held is not None:
+                        await held.reject(requeue=True)
+                        return "held", held.body
+                    # emptied in between (it expired): try again
+                finally:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+            raise BrokerUnavailable(f"RabbitQueue {self.url}: {operation}: queue {name!r} kept changing; try again")
+
+    async def _forget(self, name: str) -> None:
+        """Delete a state queue that has served (best effort: it expires anyway)."""
+        with contextlib.suppress(Exception), self._errors(f"delete of queue {name!r}"):
+            connection = await self._connect()
+            channel = await asyncio.wait_for(connection.channel(), self.timeout)
+            try:
+                await asyncio.wait_for(channel.queue_delete(name, if_unused=False, if_empty=False), self.timeout)
+            finally:
+                await channel.close()
+
+    async def cancel(self, message_id: str) -> bool:
+        """See ``Queue.cancel``: a delayed message is cancelled unless its consumer
+        claimed it first (the broker confirms one of the two publishes to its state
+        queue). A message that is due, or unknown, cannot be cancelled: False."""
+        if not message_id or not message_id.isalnum():
+            return False
+        outcome, _ = await self._claim(f"{self.queue}.state.{message_id}", b"cancelled", None, "cancel")
+        return outcome == "claimed"
+
+    async def _cancelled(self, message_id: str) -> bool:
+        """A consumer's side of ``cancel``: claim a cancellable message as started;
+        True if a cancel got there first (the message is then dropped)."""
+        name = f"{self.queue}.state.{message_id}"
+        outcome, held = await self._claim(name, b"started", None, "receive")
+        if outcome == "claimed" or held == b"cancelled":
+            await self._forget(name)
+        return outcome == "held" and held == b"cancelled"
 
     # -- consuming ----------------------------------------------------------------------
     async def _consume(self, prefetch: int) -> None:
@@ -564,6 +691,9 @@ class RabbitQueue:
         due = _number(headers.get("due"))
         if due is not None and due - time.time() > 0.5:
             await self._send(message.body, headers, message.message_id or uuid.uuid4().hex, float(due), "delay hop")
+            await message.ack()
+            return None
+        if headers.get("cancellable") in ("1", b"1") and message.message_id and await self._cancelled(message.message_id):
             await message.ack()
             return None
         delivery_id = f"{message.message_id or 'message'}@{generation}.{message.delivery_tag}"

@@ -22,6 +22,7 @@ class Harness:
     queue: Queue
     other: Callable[[], Queue]  # a second consumer of the same messages
     opened: list[Queue] = field(default_factory=list)
+    cancels_due: bool = True  # cancel() removes a due message not yet received (RabbitMQ cannot)
 
     def track(self, make: Callable[[], Queue]) -> Callable[[], Queue]:
         """``make``, remembering each queue it makes so the harness closes them."""
