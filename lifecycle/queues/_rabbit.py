@@ -161,6 +161,10 @@ def _json_safe(value: Any) -> Any:
     return repr(value)
 
 
+class _Retry(Exception):
+    """``_claim_on`` found the queue changing under it (another ttl, an expiry)."""
+
+
 def decode_message(message_id: str, headers: Mapping[str, Any], body: bytes) -> Delivery:
     """A message as a ``Delivery``; one that does not decode comes back with
     ``malformed`` set (``"<field>: <why>"``) and ``raw`` holding ``{"body": bytes,
@@ -282,6 +286,7 @@ class RabbitQueue:
         self._prefetch = 0
         self._held: dict[str, _Held] = {}
         self._delay_queues: set[int] = set()
+        self._control: Any = None  # (connection, channel) for key and state queues, see _claim
         self._connect_lock = asyncio.Lock()
         self._watchdog: asyncio.Task[None] | None = None
         self._closed = False
@@ -514,12 +519,16 @@ class RabbitQueue:
             outcome, _ = await self._claim(f"{self.queue}.dedup.{digest[:40]}", b"", ttl, operation, key=True)
             if outcome == "held":
                 return message_id
-        if due is not None and due > now:
-            # Cancellable until a consumer takes it: an empty state queue that outlives
-            # the delay by ten minutes unused (then the message simply runs).
-            await self._claim(f"{self.queue}.state.{message_id}", None, due - now + 600, operation)
+        later = due is not None and due > now
+        if later:
             fields["cancellable"] = "1"
         await self._send(body, fields, message_id, due, operation)
+        if later and due is not None:
+            # Cancellable until a consumer takes it: an empty state queue that outlives
+            # the delay by ten minutes unused (then the message simply runs). Declared
+            # after the send, so a slow declare never makes a delayed message late; a
+            # consumer that finds no state queue runs the message.
+            await self._claim(f"{self.queue}.state.{message_id}", None, due - time.time() + 600, operation)
         return message_id
 
     async def _claim(
@@ -533,67 +542,67 @@ class RabbitQueue:
         body)`` with the body it holds otherwise, ``("missing", b"")`` when there is no
         such queue. ``body`` None only declares it. A fresh channel each time: a
         refused declare closes its channel, never the publisher's."""
-        aio_pika = import_client("aio_pika", "RabbitQueue", "rabbitmq")
-        from aiormq import exceptions, spec
-
         with self._errors(operation):
             connection = await self._connect()
             for _ in range(5):
-                channel = await asyncio.wait_for(connection.channel(), self.timeout)
+                # One channel kept for key and state queues, apart from the publisher's
+                # and the consumer's: a declare the broker refuses (a missing queue, other
+                # arguments) closes it, and only this one is opened again, next time.
+                held_channel = self._control
+                if held_channel is None or held_channel[0] is not connection or held_channel[1].is_closed:
+                    opened = await asyncio.wait_for(connection.channel(), self.timeout)
+                    self._control = held_channel = (connection, opened)
+                channel = held_channel[1]
                 try:
-                    try:
-                        if ttl is None:
-                            queue = await asyncio.wait_for(channel.declare_queue(name, passive=True), self.timeout)
-                        else:
-                            ms = max(1, math.ceil(ttl * 1000))
-                            arguments: dict[str, Any] = {
-                                "x-max-length": 1,
-                                "x-overflow": "reject-publish",
-                                "x-expires": ms + 60_000 if key else max(1000, ms),
-                            }
-                            if key:
-                                arguments["x-message-ttl"] = ms
-                            queue = await asyncio.wait_for(
-                                channel.declare_queue(name, durable=True, arguments=arguments), self.timeout
-                            )
-                    except exceptions.ChannelNotFoundEntity:
-                        return "missing", b""
-                    except exceptions.ChannelPreconditionFailed:
-                        ttl = None  # declared by another producer with another ttl: it exists
-                        continue
-                    if body is None:
-                        return "claimed", b""
-                    message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-                    try:
-                        confirmed = await channel.default_exchange.publish(
-                            message, routing_key=name, timeout=self.timeout
-                        )
-                    except exceptions.DeliveryError:
-                        confirmed = None
-                    if isinstance(confirmed, spec.Basic.Ack):
-                        return "claimed", b""
-                    # Nacked: the queue is full, it holds a message already.
-                    if key:
-                        return "held", b""
-                    held = await queue.get(no_ack=False, fail=False, timeout=self.timeout)
-                    if held is not None:
-                        await held.reject(requeue=True)
-                        return "held", held.body
-                    # emptied in between (it expired): try again
-                finally:
-                    with contextlib.suppress(Exception):
-                        await channel.close()
+                    return await self._claim_on(channel, name, body, ttl, key)
+                except _Retry:
+                    ttl = None
+                    continue
             raise BrokerUnavailable(f"RabbitQueue {self.url}: {operation}: queue {name!r} kept changing; try again")
 
-    async def _forget(self, name: str) -> None:
-        """Delete a state queue that has served (best effort: it expires anyway)."""
-        with contextlib.suppress(Exception), self._errors(f"delete of queue {name!r}"):
-            connection = await self._connect()
-            channel = await asyncio.wait_for(connection.channel(), self.timeout)
-            try:
-                await asyncio.wait_for(channel.queue_delete(name, if_unused=False, if_empty=False), self.timeout)
-            finally:
-                await channel.close()
+    async def _claim_on(
+        self, channel: Any, name: str, body: bytes | None, ttl: float | None, key: bool
+    ) -> tuple[str, bytes]:
+        """``_claim``'s work on one channel; raises ``_Retry`` to be called again."""
+        aio_pika = import_client("aio_pika", "RabbitQueue", "rabbitmq")
+        from aiormq import exceptions, spec
+
+        try:
+            if ttl is None:
+                queue = await asyncio.wait_for(channel.declare_queue(name, passive=True), self.timeout)
+            else:
+                ms = max(1, math.ceil(ttl * 1000))
+                arguments: dict[str, Any] = {
+                    "x-max-length": 1,
+                    "x-overflow": "reject-publish",
+                    "x-expires": ms + 60_000 if key else max(1000, ms),
+                }
+                if key:
+                    arguments["x-message-ttl"] = ms
+                queue = await asyncio.wait_for(
+                    channel.declare_queue(name, durable=True, arguments=arguments), self.timeout
+                )
+        except exceptions.ChannelNotFoundEntity:
+            return "missing", b""
+        except exceptions.ChannelPreconditionFailed:
+            raise _Retry from None  # declared by another producer with another ttl: it exists
+        if body is None:
+            return "claimed", b""
+        message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        try:
+            confirmed = await channel.default_exchange.publish(message, routing_key=name, timeout=self.timeout)
+        except exceptions.DeliveryError:
+            confirmed = None
+        if isinstance(confirmed, spec.Basic.Ack):
+            return "claimed", b""
+        # Nacked: the queue is full, it holds a message already.
+        if key:
+            return "held", b""
+        held = await queue.get(no_ack=False, fail=False, timeout=self.timeout)
+        if held is not None:
+            await held.reject(requeue=True)
+            return "held", held.body
+        raise _Retry  # emptied in between (it expired): try again
 
     async def cancel(self, message_id: str) -> bool:
         """See ``Queue.cancel``: a delayed message is cancelled unless its consumer
@@ -607,10 +616,9 @@ class RabbitQueue:
     async def _cancelled(self, message_id: str) -> bool:
         """A consumer's side of ``cancel``: claim a cancellable message as started;
         True if a cancel got there first (the message is then dropped)."""
-        name = f"{self.queue}.state.{message_id}"
-        outcome, held = await self._claim(name, b"started", None, "receive")
-        if outcome == "claimed" or held == b"cancelled":
-            await self._forget(name)
+        # The state queue is left to expire (x-expires): it holds "started" or
+        # "cancelled" meanwhile, so a later cancel, or a redelivery, reads the outcome.
+        outcome, held = await self._claim(f"{self.queue}.state.{message_id}", b"started", None, "receive")
         return outcome == "held" and held == b"cancelled"
 
     # -- consuming ----------------------------------------------------------------------
@@ -693,7 +701,8 @@ class RabbitQueue:
             await self._send(message.body, headers, message.message_id or uuid.uuid4().hex, float(due), "delay hop")
             await message.ack()
             return None
-        if headers.get("cancellable") in ("1", b"1") and message.message_id and await self._cancelled(message.message_id):
+        cancellable = headers.get("cancellable") in ("1", b"1") and message.message_id
+        if cancellable and await self._cancelled(str(message.message_id)):
             await message.ack()
             return None
         delivery_id = f"{message.message_id or 'message'}@{generation}.{message.delivery_tag}"
