@@ -97,7 +97,27 @@ def postgres_fleet(tmp_path: Path) -> Iterator[Fleet]:
     anyio.run(drop_tables, table)
 
 
-FLEETS: list[Callable[[Path], Iterator[Fleet]]] = [redis_fleet, sqlite_fleet, postgres_fleet]
+def nats_fleet(tmp_path: Path) -> Iterator[Fleet]:
+    import anyio
+    from harnesses.nats import delete_streams, nats_url
+
+    url = nats_url()
+    stream = f"lifecycle-fleet-{uuid.uuid4().hex[:12]}"
+    yield Fleet("nats", f"{url}?stream={stream}&subject=fleet.{stream}&lease=5", tmp_path / "nats.evidence")
+    anyio.run(delete_streams, url, stream)
+
+
+def rabbit_fleet(tmp_path: Path) -> Iterator[Fleet]:
+    import anyio
+    from harnesses.rabbit import RABBIT_URL, delete_queues, reachable
+
+    require_service("RabbitMQ", reachable)
+    name = f"lifecycle-fleet-{uuid.uuid4().hex[:12]}"
+    yield Fleet("rabbitmq", f"{RABBIT_URL}?queue={name}", tmp_path / "rabbit.evidence")
+    anyio.run(delete_queues, RABBIT_URL, name)
+
+
+FLEETS: list[Callable[[Path], Iterator[Fleet]]] = [redis_fleet, sqlite_fleet, postgres_fleet, nats_fleet, rabbit_fleet]
 
 
 def test_three_workers_run_each_tick_once_through_a_kill_and_a_restart(tmp_path: Path) -> None:

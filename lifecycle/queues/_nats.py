@@ -1027,6 +1027,7 @@ _URL_OPTIONS = {
     "request_timeout": float,
     "duplicate_window": float,
     "name": str,
+    "dedup_max_age": float,
 }
 
 
@@ -1037,7 +1038,7 @@ def from_url(url: str, **options: Any) -> NatsQueue:
     Args:
         url: the server's URL; query options ``stream``, ``subject``, ``durable``,
             ``lease``, ``max_deliver``, ``connect_timeout``, ``request_timeout``,
-            ``duplicate_window``, ``name``.
+            ``duplicate_window``, ``name``, ``dedup_max_age``.
         options: keyword arguments for ``NatsQueue``; they win over the URL's.
     """
     parts = urlsplit(url)
