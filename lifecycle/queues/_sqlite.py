@@ -425,6 +425,7 @@ class SqliteQueue:
                 process) make one message.
             dedup_ttl: seconds the key is remembered (default ``DEDUP_TTL``, a day).
         """
+        due = self._due(job, delay, at, attempt)  # its own wording for these, kept
         ttl = check_enqueue(job, delay, at, attempt, dedup_key, dedup_ttl)
         if dedup_key is None or ttl is None:
             [message_id] = await self.enqueue_many(
@@ -432,7 +433,6 @@ class SqliteQueue:
             )
             return message_id
         key, remember = dedup_key, ttl
-        due = self._due(job, delay, at, attempt)
         header_text = encode_headers(job, headers)
         name, args = job_name(job, payload)
         body = encode_payload(args)
