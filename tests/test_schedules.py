@@ -342,6 +342,31 @@ async def test_a_stalled_scheduler_never_bursts(catch_up: str) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_scheduler_driven_through_both_dst_changes_enqueues_each_local_run_once() -> None:
+    schedule = Schedule(report, cron="30 2 * * *", timezone="Europe/Berlin", tick_param="tick")
+    queue, clock = Recording(), FakeClock(berlin(2026, 3, 27, 12))
+    async with anyio.create_task_group() as group:
+        for scheduler in fleet(queue, schedule, clock, 2):
+            group.start_soon(scheduler.run)
+        await anyio.wait_all_tasks_blocked()
+        while clock.time < berlin(2026, 10, 27, 12):  # every tick, as it falls due, for seven months
+            await clock.set(min(call["at"] for call in queue.calls if call["at"] > clock.time))
+        group.cancel_scope.cancel()
+    runs = sorted(call["payload"]["tick"] for call in queue.messages().values())
+    local_runs = [tick.astimezone(BERLIN) for tick in runs]
+    assert len(local_runs) == len({t.date() for t in local_runs})  # one a day, never two
+    by_day = {t.date().isoformat(): t.strftime("%H:%M%z") for t in local_runs}
+    assert by_day["2026-03-28"] == "02:30+0100"
+    assert by_day["2026-03-29"] == "03:00+0200"  # 02:30 does not exist: right after the change
+    assert by_day["2026-03-30"] == "02:30+0200"
+    assert by_day["2026-10-25"] == "02:30+0200"  # 02:30 happens twice: the first one only
+    assert by_day["2026-10-26"] == "02:30+0100"
+    first, last = local_runs[0].date(), local_runs[-1].date()
+    assert first.isoformat() == "2026-03-28" and last.isoformat() >= "2026-10-27"
+    assert len(local_runs) == (last - first).days + 1  # no day missed
+
+
+@pytest.mark.anyio
 async def test_a_tick_whose_enqueue_failed_is_tried_again_and_logged() -> None:
     schedule = Schedule(report, every=60, tick_param="tick")
     queue, clock = Recording(), FakeClock(1_800_000_010)
