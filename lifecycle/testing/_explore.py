@@ -23,14 +23,10 @@ import anyio
 from .._analysis import Kind
 from .._errors import JobTimeout, LifecycleError, Retry
 from .._job import Job, as_job
+from .._plan import Step
 from .._runtime import Runtime
 from ._trace import NOTHING, YIELDED_AGAIN, Fault, FaultKind, InjectedFault, Instance, Recorder, Trace
 from ._wrappers import Counted, wrap_body, wrap_dependency
-
-# How long the timeout fault lets the job run before its deadline: long enough that a
-# job on a loaded machine has usually set up and entered its body (the report says
-# where the deadline actually fell), short enough to keep an exploration quick.
-_TIMEOUT_FAULT = 0.5
 
 
 class _Cancellation:
@@ -78,7 +74,7 @@ class FaultRun:
 
     Attributes:
         fault: the fault point.
-        outcome: what the caller saw (None when the fault point was not reached).
+        outcome: what the caller saw.
         set_up: the job-scoped dependencies set up, by label, in completion order.
         torn_down: the job-scoped generators torn down, by label, in teardown order.
         seen: for each job-scoped generator torn down (by label; the last call of a
@@ -86,16 +82,19 @@ class FaultRun:
             exit, else the exception.
         problems: what went wrong, in words (empty: the run kept the contract).
         reached: False when the fault point did not occur in this run (an await point
-            beyond the last one), so nothing was checked.
+            beyond the last one): the job ran without a fault (and was checked so).
+        body_returned: the job body returned normally (on the last attempt): a
+            dependency may then have committed even if the caller was cancelled later.
     """
 
     fault: Fault
-    outcome: Outcome | None
+    outcome: Outcome
     set_up: list[str] = field(default_factory=list)
     torn_down: list[str] = field(default_factory=list)
     seen: dict[str, BaseException | None] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     reached: bool = True
+    body_returned: bool = False
 
     @property
     def ok(self) -> bool:
@@ -103,7 +102,7 @@ class FaultRun:
         return not self.problems
 
 
-Check = Callable[[FaultRun], "str | None | Awaitable[str | None]"]
+Check = Callable[[FaultRun], "Awaitable[str | None] | str | None"]
 
 
 class ExplorationFailed(AssertionError):
@@ -138,16 +137,17 @@ class Exploration:
 
     def report(self) -> str:
         """The exploration in plain words, one line per fault point."""
-        reached = [run for run in self.runs if run.reached]
-        lines = [f"explored job {self.job!r}: {len(reached)} fault points"]
-        for run in reached:
+        reached = sum(run.reached for run in self.runs)
+        lines = [f"explored job {self.job!r}: {reached} runs"]
+        for run in self.runs:
             mark = "ok  " if run.ok else "FAIL"
-            lines.append(f"  {mark} {run.fault.description} -> {run.outcome}")
+            note = "" if run.reached else " (not reached: it ran without a fault)"
+            lines.append(f"  {mark} {run.fault.description}{note} -> {run.outcome}")
             lines += [f"         {problem}" for problem in run.problems]
         if self.shutdown_problems:
             lines.append("  FAIL runtime shutdown")
             lines += [f"         {problem}" for problem in self.shutdown_problems]
-        failed = sum(not run.ok for run in reached) + bool(self.shutdown_problems)
+        failed = sum(not run.ok for run in self.runs) + bool(self.shutdown_problems)
         lines.append("all fault points kept the contract" if not failed else f"{failed} fault point(s) failed")
         return "\n".join(lines)
 
@@ -166,6 +166,7 @@ async def explore(
     checks: Iterable[Check] = (),
     cancellations: bool = True,
     max_await_points: int | None = 200,
+    timeout: float | None = 0.2,
     **kwargs: Any,
 ) -> Exploration:
     """Run ``job`` once per fault point and check every run against the contract.
@@ -197,6 +198,9 @@ async def explore(
         cancellations: False skips the cancellation runs (one per await point).
         max_await_points: at most this many cancellation runs (the first await points);
             None: no limit.
+        timeout: the job timeout, in seconds, of the timeout fault (its body waits
+            until cancelled): long enough for the setup to finish on a loaded machine
+            (the report says where the deadline fell); None skips the timeout fault.
         kwargs: the job's payload arguments by name.
 
     Returns:
@@ -213,33 +217,40 @@ async def explore(
     recorder = Recorder()
     async with Runtime(dependency_overrides=user_overrides) as rt:
         plan = rt.plan(original)
-        labels = _install_wrappers(rt, user_overrides, plan.steps, recorder)
+        _install_wrappers(rt, user_overrides, plan.steps, recorder)
         body_kind = Kind.COROUTINE if plan.body.kind is Kind.COROUTINE else Kind.FUNCTION
         plain = _variant(original, wrap_body(original.fn, body_kind, recorder), timeout=original.timeout)
         exploration = Exploration(original.name)
         baseline = await _run(rt, recorder, Fault(FaultKind.NONE, 0, "no fault is injected"), plain, payload, extras)
         exploration.runs.append(await _checked(baseline, checks))
-        if baseline.outcome is None or not baseline.outcome.succeeded:
+        if not baseline.outcome.succeeded:
             raise LifecycleError(
                 f"job {original.name!r} ({original.body.label}) did not succeed without faults "
                 f"({baseline.outcome}); explore needs a payload it succeeds with"
             )
+        # Once more, with the worker scope warm: the await points of every later run
+        # are those of this one (the first run also created the worker-scoped values).
+        again = Fault(FaultKind.NONE, 0, "no fault is injected (worker scope warm)")
+        warm = await _run(rt, recorder, again, plain, payload, extras)
+        exploration.runs.append(await _checked(warm, checks))
         base_trace = recorder.trace
-        faults = _faults(original.name, base_trace, labels, body_kind, cancellations, max_await_points)
-        waiting = _variant(original, wrap_body(original.fn, body_kind, recorder, wait=True), timeout=_TIMEOUT_FAULT)
+        faults = _faults(original.name, base_trace, body_kind if timeout else None, cancellations, max_await_points)
+        waiting = _variant(original, wrap_body(original.fn, body_kind, recorder, wait=True), timeout=timeout)
         for fault in faults:
             variant = waiting if fault.kind is FaultKind.TIMEOUT else plain
             run = await _run(rt, recorder, fault, variant, payload, extras)
-            exploration.runs.append(await _checked(run, checks) if run.reached else run)
+            # An await point not reached ran the job without a fault: checked all the same.
+            exploration.runs.append(await _checked(run, checks))
     exploration.shutdown_problems = _check_shutdown(recorder)
     return exploration
 
 
-def _install_wrappers(rt: Runtime, user_overrides: Mapping[Any, Any], steps: Sequence[Any], recorder: Recorder) -> dict[str, str]:
-    """Override every dependency of the plan with its observing wrapper; return the
-    labels by callable label (for the fault descriptions)."""
+def _install_wrappers(
+    rt: Runtime, user_overrides: Mapping[Any, Any], steps: Sequence[Step], recorder: Recorder
+) -> None:
+    """Override every dependency of the plan (as the user's overrides left it) with
+    its observing wrapper."""
     keys = {id(replacement): original for original, replacement in user_overrides.items()}
-    labels: dict[str, str] = {}
     done: set[int] = set()
     for step in steps:
         provider = step.provider
@@ -247,11 +258,8 @@ def _install_wrappers(rt: Runtime, user_overrides: Mapping[Any, Any], steps: Seq
             continue
         done.add(id(provider.call))
         scope = "worker" if step.worker is not None else "job"
-        label = provider.label
-        labels[label] = label
-        wrapper = wrap_dependency(provider.call, provider.kind, label, scope, recorder)
+        wrapper = wrap_dependency(provider.call, provider.kind, provider.label, scope, recorder)
         rt.dependency_overrides[keys.get(id(provider.call), provider.call)] = wrapper
-    return labels
 
 
 def _variant(job: Job[..., Any], body: Callable[..., Any], *, timeout: float | None) -> Job[..., Any]:
@@ -262,15 +270,15 @@ def _variant(job: Job[..., Any], body: Callable[..., Any], *, timeout: float | N
 def _faults(
     name: str,
     trace: Trace,
-    labels: Mapping[str, str],
-    body_kind: Kind,
+    body_kind: Kind | None,
     cancellations: bool,
     max_await_points: int | None,
 ) -> list[Fault]:
     named = f"`{name}`"
     faults: list[Fault] = []
     for index, instance in enumerate(trace.instances, start=1):
-        faults.append(Fault(FaultKind.SETUP, index, f"setup of `{_short_label(instance.label)}` ({instance.label}) raises"))
+        described = f"setup of `{_short_label(instance.label)}` ({instance.label}) raises"
+        faults.append(Fault(FaultKind.SETUP, index, described))
     faults.append(Fault(FaultKind.BODY, 0, f"{named} raises"))
     for index, instance in enumerate(trace.attempt_instances(1), start=1):
         faults.append(
@@ -327,12 +335,12 @@ async def _run(
     run = FaultRun(fault, outcome)
     if fault.kind is FaultKind.CANCEL and trace.cancel_phase is None:
         run.reached = False
-        return run
-    if fault.kind is FaultKind.CANCEL:
+    elif fault.kind is FaultKind.CANCEL:
         run.fault = Fault(fault.kind, fault.index, fault.description.split(" (")[0] + f" ({trace.cancel_phase})")
     run.set_up = [i.label for i in trace.setups]
     run.torn_down = [i.label for i in trace.teardowns]
     run.seen = {i.label: i.seen for i in trace.teardowns}
+    run.body_returned = trace.body_error.get(trace.attempt, NOTHING) is None
     run.problems = _oracle(trace, run, job)
     return run
 
@@ -345,7 +353,8 @@ async def _checked(run: FaultRun, checks: Iterable[Check]) -> FaultRun:
             if inspect.isawaitable(found):
                 found = await found
         except AssertionError as exc:
-            found = str(exc) or f"check {name} failed"
+            # The message's first line: pytest's assertion rewriting appends its own detail.
+            found = str(exc).split("\n", 1)[0] or f"check {name} failed"
         except Exception as exc:
             found = f"check {name} raised {_describe(exc)}"
         if found:
@@ -358,7 +367,6 @@ def _oracle(trace: Trace, run: FaultRun, job: Job[..., Any]) -> list[str]:
     problems: list[str] = []
     fault = trace.fault
     outcome = run.outcome
-    assert outcome is not None
     attempts = range(1, trace.attempt + 1)
     carried: Any = None
     for attempt in attempts:
@@ -372,9 +380,8 @@ def _oracle(trace: Trace, run: FaultRun, job: Job[..., Any]) -> list[str]:
         expected = final_primary  # swallowed: the job still fails with its own error
     else:
         expected = None
-    if fault.kind is FaultKind.RETRY and job.retries >= 1:
-        if trace.attempt < 2:
-            problems.append("the job asked to retry and has retries left, but no second attempt ran")
+    if fault.kind is FaultKind.RETRY and job.retries >= 1 and trace.attempt < 2:
+        problems.append("the job asked to retry and has retries left, but no second attempt ran")
     problems += _outcome_problems(expected, outcome, fault)
     return problems
 
@@ -512,4 +519,3 @@ def _check_shutdown(recorder: Recorder) -> list[str]:
     if torn != [i.serial for i in reversed(created) if i.teardowns]:
         problems.append("worker-scoped dependencies were not torn down in the reverse order of their creation")
     return problems
-

@@ -191,10 +191,7 @@ class Counted:
         error: BaseException | None = None
         while True:
             try:
-                if error is not None:
-                    yielded = coro.throw(error)
-                else:
-                    yielded = coro.send(value)
+                yielded = coro.send(value) if error is None else coro.throw(error)
             except StopIteration as stop:
                 return stop.value
             finally:
