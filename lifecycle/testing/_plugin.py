@@ -14,7 +14,8 @@ Fixtures:
   ``TestWorker`` on a fresh ``MemoryQueue``, with ``await worker.drain()``.
 - ``job_context``: a frozen ``JobContext`` named after the test.
 - ``lifecycle_leaks``: fails the test if it left threads, tasks, suspended generators
-  or open runtimes behind.
+  or open runtimes behind (the ini option ``lifecycle_leak_grace`` sets how long it
+  waits for them to finish first; default 2 seconds).
 - ``lifecycle_exploration``: the ``Exploration`` of a test marked with
   ``lifecycle.testing.explore_faults``; the test fails with its report if any fault
   point broke the contract."""
@@ -31,6 +32,14 @@ if TYPE_CHECKING:
     from lifecycle.testing import Exploration, TestWorker
 
 from ._marker import MARKER
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        "lifecycle_leak_grace",
+        "seconds the lifecycle_leaks fixture waits for leftovers to finish before they count (default 2)",
+        default="2.0",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -84,14 +93,16 @@ def job_context(request: pytest.FixtureRequest) -> JobContext:
 
 
 @pytest.fixture
-async def lifecycle_leaks() -> AsyncIterator[None]:
+async def lifecycle_leaks(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     """Fails the test if it left threads, tasks, suspended generators or open runtimes
-    behind (``lifecycle.testing.no_leaks``). Async: use it in anyio tests."""
+    behind (``lifecycle.testing.no_leaks``), after waiting ``lifecycle_leak_grace``
+    seconds (an ini option, default 2) for them to finish. Async: use it in anyio tests."""
     from lifecycle.testing import LeakError, no_leaks
 
+    grace = float(request.config.getini("lifecycle_leak_grace"))
     found: str | None = None
     try:
-        async with no_leaks():
+        async with no_leaks(grace):
             yield
     except LeakError as exc:
         found = str(exc)
