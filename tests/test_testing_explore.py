@@ -2,6 +2,7 @@
 and the explorer finds the bugs it exists to find (swallowed errors, leaks, commits
 instead of rollbacks), on asyncio and trio."""
 
+import functools
 import importlib.util
 import sqlite3
 import sys
@@ -294,3 +295,96 @@ def _generator(index: int, behaviour: str, is_async: bool, inner: Any) -> Any:
         fn.__annotations__ = {"previous": Annotated[int, Depends(inner)]}
         fn.__kwdefaults__ = None
     return fn
+
+
+async def test_bad_options_are_refused_with_the_option_named() -> None:
+    with pytest.raises(ValueError, match="max_await_points must be >= 0"):
+        await explore(buggy, user_id=1, max_await_points=-1)
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        await explore(buggy, user_id=1, timeout=0)
+    with pytest.raises(TypeError, match="each check must be callable"):
+        await explore(buggy, user_id=1, checks=["not a check"])
+
+
+# -- every kind of dependency ------------------------------------------------------------
+
+CLOSED: list[str] = []
+
+
+class Client:
+    """A class dependency: constructed, nothing to tear down."""
+
+    def __init__(self, user_id: int) -> None:
+        self.user_id = user_id
+
+
+class Sessions:
+    def __init__(self) -> None:
+        self.prefix = "s"
+
+    async def open(self, c: Annotated[Client, Depends(Client)]) -> AsyncIterator[str]:
+        try:
+            yield f"{self.prefix}{c.user_id}"
+        finally:
+            CLOSED.append("session")
+
+
+SESSIONS = Sessions()
+
+
+class Tracer:
+    """A callable instance whose ``__call__`` is a sync generator."""
+
+    def __call__(self, label: str = "t") -> Iterator[str]:
+        try:
+            yield label
+        finally:
+            CLOSED.append("tracer")
+
+
+def scratch(size: int) -> Iterator[list[int]]:
+    try:
+        yield [0] * size
+    finally:
+        CLOSED.append("scratch")
+
+
+async def settings_value() -> str:
+    return "settings"
+
+
+@dependency(threaded=False)
+def inline_counter() -> Iterator[int]:
+    try:
+        yield 1
+    finally:
+        CLOSED.append("inline")
+
+
+@job(retries=1)
+def sync_job(
+    user_id: int,
+    session: Annotated[str, Depends(SESSIONS.open)],
+    trace: Annotated[str, Depends(Tracer())],
+    buf: Annotated[list[int], Depends(functools.partial(scratch, 2))],
+    again: Annotated[list[int], Depends(functools.partial(scratch, 2), use_cache=False)],
+    conf: Annotated[str, Depends(settings_value)],
+    n: Annotated[int, Depends(inline_counter)],
+) -> str:
+    return f"{session}/{trace}/{len(buf) + len(again)}/{conf}/{n}"
+
+
+async def test_every_kind_of_dependency_and_a_sync_body_are_explored() -> None:
+    """Bound async-generator methods, callable instances, partials, classes, coroutine
+    functions, inline sync generators, a use_cache=False twin and a sync job body (in a
+    thread): wrapped as what they are, each torn down once per run."""
+    CLOSED.clear()
+    exploration = await explore(sync_job, user_id=7)
+    exploration.assert_ok()
+    assert exploration.runs[0].outcome.result == "s7/t/4/settings/1"
+    generators = 5  # session, tracer, scratch twice, inline
+    assert len(exploration.runs[0].torn_down) == generators
+    assert FaultKind.TIMEOUT not in kinds(exploration)  # a sync body cannot be made to wait
+    retry = next(run for run in exploration.runs if run.fault.kind is FaultKind.RETRY)
+    assert retry.outcome.succeeded and len(retry.torn_down) == 2 * generators  # fresh on attempt 2
+    assert len(CLOSED) == sum(len(run.torn_down) for run in exploration.runs)

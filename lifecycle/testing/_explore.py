@@ -25,7 +25,7 @@ from .._errors import JobTimeout, LifecycleError, Retry
 from .._job import Job, as_job
 from .._plan import Step
 from .._runtime import Runtime
-from ._trace import NOTHING, YIELDED_AGAIN, Fault, FaultKind, InjectedFault, Instance, Recorder, Trace
+from ._trace import NOTHING, YIELDED_AGAIN, Fault, FaultKind, InjectedFault, Instance, Recorder, Trace, short_label
 from ._wrappers import Counted, wrap_body, wrap_dependency
 
 
@@ -207,10 +207,20 @@ async def explore(
         the ``Exploration``; call ``assert_ok()`` on it to fail a test with its report.
 
     Raises:
+        ValueError: ``max_await_points`` is negative, or ``timeout`` not positive.
+        TypeError: a check is not callable.
         PayloadError: the arguments do not fit the job.
         DependencyError: the job's graph is invalid.
         LifecycleError: the baseline run (no fault) failed: there is nothing to explore.
     """
+    if max_await_points is not None and max_await_points < 0:
+        raise ValueError(f"explore: max_await_points must be >= 0 or None, got {max_await_points!r}")
+    if timeout is not None and timeout <= 0:
+        raise ValueError(f"explore: timeout must be a positive number of seconds or None, got {timeout!r}")
+    checks = tuple(checks)
+    for check in checks:
+        if not callable(check):
+            raise TypeError(f"explore: each check must be callable (taking a FaultRun), got {check!r}")
     original = as_job(job)
     payload, extras = original.bind_payload(args, kwargs)
     user_overrides = dict(dependency_overrides or {})
@@ -296,7 +306,7 @@ def _faults(
 
 
 def _short_label(label: str) -> str:
-    return label.rpartition(":")[2]
+    return short_label(label)
 
 
 async def _run(
@@ -380,8 +390,11 @@ def _oracle(trace: Trace, run: FaultRun, job: Job[..., Any]) -> list[str]:
         expected = final_primary  # swallowed: the job still fails with its own error
     else:
         expected = None
-    if fault.kind is FaultKind.RETRY and job.retries >= 1 and trace.attempt < 2:
-        problems.append("the job asked to retry and has retries left, but no second attempt ran")
+    if fault.kind is FaultKind.RETRY and job.retries >= 1:
+        if trace.attempt < 2:
+            problems.append("the job asked to retry and has retries left, but no second attempt ran")
+        elif len(trace.attempt_instances(2)) != len(trace.attempt_instances(1)):
+            problems.append("the second attempt did not set up fresh job-scoped dependencies")
     problems += _outcome_problems(expected, outcome, fault)
     return problems
 
@@ -397,10 +410,19 @@ def _primary(trace: Trace, attempt: int) -> Any:
     fault = trace.fault
     if fault.kind is FaultKind.TIMEOUT and attempt == 1:
         return _CANCELLED
-    if fault.kind is FaultKind.CANCEL and trace.cancel_phase is not None and body is NOTHING:
-        return _CANCELLED  # cancelled before the body returned (or in engine code)
-    if fault.kind is FaultKind.CANCEL and trace.cancel_phase == "in the body":
-        return _CANCELLED  # a body in a worker thread returned, but too late
+    if fault.kind is FaultKind.CANCEL and trace.cancel_phase is not None:
+        if body is NOTHING:
+            return _CANCELLED  # cancelled before the body ran (or in lifecycle's own code)
+        # The body returned. Whether the cancellation still reached the generators
+        # depends on whether it was requested before lifecycle took the body's result
+        # (a sync body in a thread returns to a task that is already cancelled) or
+        # during the shielded teardown (rule 6): the event loop side cannot tell a wait
+        # for the body's thread from a wait for a teardown's, so both are accepted, and
+        # what the innermost generator saw is then checked outward as usual.
+        generators = trace.attempt_instances(attempt)
+        innermost = next((i for i in reversed(generators) if i.teardowns), None)
+        if innermost is not None and isinstance(innermost.seen, anyio.get_cancelled_exc_class()):
+            return _CANCELLED
     return None
 
 

@@ -116,7 +116,7 @@ class Recorder:
     def setup_begin(self, label: str, scope: str, generator: bool) -> Instance:
         trace = self.trace
         if scope == "worker":
-            trace.phase = f"during setup of worker-scoped `{_short(label)}`"
+            trace.phase = f"during setup of worker-scoped `{short_label(label)}`"
             instance = Instance(next(self._serials), label, scope, generator, 0)
             self.worker_instances.append(instance)
             return instance
@@ -126,7 +126,7 @@ class Recorder:
         instance = Instance(next(self._serials), label, scope, generator, trace.attempt)
         trace.instances.append(instance)
         trace.setup_calls += 1
-        trace.phase = f"during setup of `{_short(label)}`"
+        trace.phase = f"during setup of `{short_label(label)}`"
         fault = trace.fault
         if fault.kind is FaultKind.SETUP and fault.index == trace.setup_calls and trace.attempt == 1:
             error = InjectedFault(fault.description)
@@ -141,7 +141,7 @@ class Recorder:
             self.trace.setups.append(instance)
         # Threaded providers report from their thread: an await point counted while one
         # runs may already read "after setup of ...".
-        self.trace.phase = f"after setup of `{_short(instance.label)}`"
+        self.trace.phase = f"after setup of `{short_label(instance.label)}`"
 
     def setup_failed(self, instance: Instance, error: BaseException | None) -> None:
         instance.setup_error = error
@@ -157,12 +157,12 @@ class Recorder:
         trace = self.trace
         trace.teardowns.append(instance)
         trace.teardown_begun = True
-        trace.phase = f"during teardown of `{_short(instance.label)}`"
+        trace.phase = f"during teardown of `{short_label(instance.label)}`"
 
     def teardown_end(self, instance: Instance, output: Any) -> None:
         instance.output = output
         if instance.scope == "job":
-            self.trace.phase = f"after teardown of `{_short(instance.label)}`"
+            self.trace.phase = f"after teardown of `{short_label(instance.label)}`"
 
     def teardown_fault(self, instance: Instance) -> None:
         """Raise the injected teardown fault if this instance is the one it targets."""
@@ -220,6 +220,9 @@ class InjectedFault(Exception):
         super().__init__(f"fault injected by lifecycle.testing: {point}")
 
 
-def _short(label: str) -> str:
-    """``get_db`` for ``app.db:get_db``: phases name the function, the report the path."""
+def short_label(label: str) -> str:
+    """``get_db`` for ``app.db:get_db``, ``partial(scratch)`` for
+    ``partial(app.db:scratch)``: phases name the function, the report adds the path."""
+    if label.startswith("partial(") and label.endswith(")"):
+        return f"partial({short_label(label[8:-1])})"
     return label.rpartition(":")[2]
