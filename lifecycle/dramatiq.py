@@ -60,7 +60,7 @@ from ._runtime import Runtime
 T = TypeVar("T")
 R = TypeVar("R")
 
-__all__ = ["DramatiqLifecycle", "LifecycleActor"]
+__all__ = ["ActorDecorator", "DramatiqLifecycle", "LifecycleActor"]
 
 # How often a worker thread waiting for its job wakes up, in seconds: an asynchronous
 # exception (time limit, shutdown notification) is raised only when the thread runs
@@ -260,9 +260,13 @@ class _ProcessLoop:
             except RuntimeError as exc:  # the portal stopped between the check and here
                 raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed") from exc
             # Short slices, so that an asynchronous exception is raised within _POLL.
-            while not future.done():
-                concurrent.futures.wait((future,), timeout=_POLL)
-            return future.result()
+            while True:
+                try:
+                    return future.result(timeout=_POLL)
+                except TimeoutError:
+                    if future.done():
+                        raise  # the job's own TimeoutError, not the wait's
+
         except BaseException:
             if submitted and not call.done.is_set():
                 self._cancel(call)
@@ -424,6 +428,9 @@ class _LifecycleMiddleware(Middleware):
     def before_worker_boot(self, broker: Broker, worker: DramatiqWorker) -> None:
         self.owner._boot()
 
+    def before_worker_shutdown(self, broker: Broker, worker: DramatiqWorker) -> None:
+        self.owner._worker_stopping = True
+
     def after_worker_shutdown(self, broker: Broker, worker: DramatiqWorker) -> None:
         self.owner._on_shutdown()
 
@@ -495,6 +502,7 @@ class DramatiqLifecycle:
         self._current = _Current()
         self._process: _ProcessLoop | None = None
         self._lock = threading.Lock()
+        self._worker_stopping = False  # this process's Dramatiq worker began its shutdown
         self.middleware = _LifecycleMiddleware(self)
         self.broker.add_middleware(self.middleware)
         os.register_at_fork(after_in_child=self._forget_parent_loop)
@@ -505,6 +513,7 @@ class DramatiqLifecycle:
         self._process = None
         self._lock = threading.Lock()
         self._current = _Current()
+        self._worker_stopping = False
 
     def _loop(self) -> _ProcessLoop:
         with self._lock:
@@ -524,6 +533,12 @@ class DramatiqLifecycle:
         return process
 
     def _boot(self) -> None:
+        with self._lock:
+            # A worker started again in this process (embedding, tests) gets a fresh
+            # runtime: its own shutdown tears it down, as the previous one's did.
+            if self._process is not None and self._process.closing:
+                self._process = None
+            self._worker_stopping = False
         try:
             process = self.process_runtime()
         except Exception as exc:
@@ -544,9 +559,12 @@ class DramatiqLifecycle:
             process.close()
 
     def shutdown(self) -> None:
-        """Close this process's runtime now (for embedding and tests): cancel the jobs in
-        flight (their teardown runs), then tear down worker scope. Messages this process
-        runs afterwards fail with an error saying the runtime is closed."""
+        """Close this process's runtime now: cancel the jobs in flight (their teardown
+        runs), then tear down worker scope. A Dramatiq worker does this itself at
+        shutdown; call it after running actors directly (``actor(...)``) in a process
+        with no worker, whose runtime started on first use. Messages this process runs
+        afterwards fail (Dramatiq retries them) with an error saying the runtime is
+        closed."""
         self._loop().close()
 
     # -- actors ----------------------------------------------------------------------------
@@ -656,11 +674,13 @@ class DramatiqLifecycle:
             delay = None if exc.delay is None else round(exc.delay * 1000)
             raise dramatiq.Retry(str(exc), delay=delay) from exc
         except _ProcessClosed:
-            if process.closing and message is not None:
-                # Closing cancelled this job (its teardown has run) or it arrived too
-                # late: Dramatiq gave up on this thread at shutdown. Leave the message
+            if self._worker_stopping and message is not None:
+                # The worker's shutdown closed the runtime and cancelled this job (its
+                # teardown has run): Dramatiq's shutdown timeout passed and it gave up
+                # on this thread, whose consumer is closed. Leave the message
                 # unacknowledged, so the broker redelivers it, rather than let the
-                # Retries middleware count an attempt or dead-letter it.
+                # Retries middleware count an attempt or dead-letter it. The thread is
+                # a daemon; the process is exiting.
                 threading.Event().wait()
             raise
 

@@ -429,6 +429,37 @@ def test_a_time_limit_cancels_the_job_and_its_teardown_finishes_first(anyio_back
         assert events[-1] == "pool down"
 
 
+def test_a_message_still_running_when_the_worker_gives_up_is_torn_down_and_left_unacknowledged(
+    anyio_backend: str,
+) -> None:
+    with stub_app(anyio_backend) as (broker, lc, events):
+        _pool, session = tree(lc, events)
+        started = threading.Event()
+
+        @lc.actor(queue_name="q", max_retries=3)
+        async def hang(s: Annotated[str, Depends(session)]) -> None:
+            started.set()
+            await anyio.sleep(60)
+
+        w = dramatiq.Worker(broker, worker_timeout=50, worker_threads=1)
+        w.start()
+        hang.send()
+        assert started.wait(30)
+        w.stop(timeout=200)  # Dramatiq waits 0.2 s for the thread, then closes the runtime
+        assert events == [
+            "pool up",
+            "session up hang attempt=1",
+            f"session saw {CANCELLED[anyio_backend]}",
+            "session down",
+            "pool down",
+        ]
+        # Neither retried (no attempt used) nor dead-lettered: never acknowledged, so a
+        # real broker redelivers it.
+        assert broker.dead_letters == []
+        assert broker.queues["q"].unfinished_tasks == 1
+        assert not [m for m in broker.queues["q.DQ"].queue]
+
+
 def test_a_job_still_running_at_shutdown_is_cancelled_before_worker_scope_goes(anyio_backend: str) -> None:
     events = Events()
 
@@ -485,6 +516,23 @@ def test_a_job_still_running_at_shutdown_is_cancelled_before_worker_scope_goes(a
         loop.run(lambda rt: rt.run(hang))
     loop.close()  # idempotent
     assert not [t for t in threading.enumerate() if t.name == f"lifecycle-dramatiq-{os.getpid()}"]
+
+
+def test_a_job_raising_timeout_error_fails_with_it_and_the_wait_does_not_mistake_it(anyio_backend: str) -> None:
+    # The waiting thread's own slices also end in TimeoutError: the job's must come through.
+    @job
+    async def times_out() -> None:
+        raise TimeoutError("upstream took too long")
+
+    loop = _ProcessLoop(lambda: Runtime(teardown_timeout=5), anyio_backend)
+    loop.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="upstream took too long"):
+            loop.run(lambda rt: rt.run(times_out))
+        assert time.monotonic() - started < 30  # not waiting forever
+    finally:
+        loop.close()
 
 
 def test_a_failing_worker_scoped_dependency_fails_the_dramatiq_worker_start(anyio_backend: str) -> None:
