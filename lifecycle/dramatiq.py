@@ -269,10 +269,9 @@ class _ProcessLoop:
 
         except BaseException:
             if submitted and not call.done.is_set():
-                self._cancel(call)
                 # A submission interrupted half-way may never reach the loop: bound the
                 # wait then. Otherwise the wait is bounded by the job's teardown.
-                self._wait_done(call, None if future is not None else _UNSURE_SUBMIT_WAIT)
+                self._abandon(call, None if future is not None else _UNSURE_SUBMIT_WAIT)
             raise
 
     async def _host_call(self, work: Callable[[Runtime], Awaitable[T]], call: _Call) -> T:
@@ -297,6 +296,19 @@ class _ProcessLoop:
             raise _ProcessClosed(f"the job was cancelled by the shutdown of worker process {self.pid}")
         finally:
             call.done.set()
+
+    def _abandon(self, call: _Call, limit: float | None) -> None:
+        # Cancel the job and wait for its teardown, to the end: a second asynchronous
+        # exception (a shutdown notification after a time limit) landing in here starts
+        # the cancel over (it is idempotent) instead of cutting the wait short. The
+        # caller re-raises the first exception.
+        while True:
+            try:
+                self._cancel(call)
+                self._wait_done(call, limit)
+                return
+            except BaseException:
+                continue
 
     def _cancel(self, call: _Call) -> None:
         with call.lock:

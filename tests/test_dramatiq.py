@@ -23,12 +23,13 @@ import anyio
 import dramatiq
 import pytest
 from dramatiq.brokers.stub import StubBroker
-from dramatiq.middleware import TimeLimitExceeded
+from dramatiq.middleware import Shutdown, TimeLimitExceeded
 from dramatiq.middleware.threading import raise_thread_exception
 from dramatiq.results import ResultFailure, Results
 from dramatiq.results.backends import StubBackend
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 from support import REDIS_URL, require_service
 
 from lifecycle import Depends, JobContext, LifecycleError, PayloadError, Reject, Retry, Runtime, dependency, job
@@ -535,6 +536,28 @@ def test_a_job_raising_timeout_error_fails_with_it_and_the_wait_does_not_mistake
         loop.close()
 
 
+def test_a_failing_worker_scope_teardown_is_logged_at_close(anyio_backend: str) -> None:
+    @dependency(scope="worker")
+    async def pool() -> AsyncIterator[str]:
+        yield "pool"
+        raise RuntimeError("close failed for redis://user:hunter2@db:6379/0")
+
+    @job
+    async def uses(p: Annotated[str, Depends(pool)]) -> str:
+        return p
+
+    loop = _ProcessLoop(lambda: Runtime(teardown_timeout=5), anyio_backend)
+    loop.start()
+    assert loop.run(lambda rt: rt.run(uses)) == "pool"
+    with capture_logs() as logs:
+        loop.close()
+    [event] = [e for e in logs if e["event"] == "dramatiq.worker_scope_teardown_failed"]
+    assert event["log_level"] == "error"
+    assert event["error"] == "RuntimeError: close failed for redis://user:***@db:6379/0"
+    assert "hunter2" not in event["exception"]
+    assert event["pid"] == os.getpid()
+
+
 def test_a_failing_worker_scoped_dependency_fails_the_dramatiq_worker_start(anyio_backend: str) -> None:
     with stub_app(anyio_backend) as (broker, lc, events):
         pool, _session = tree(lc, events)
@@ -556,7 +579,9 @@ def test_a_failing_worker_scoped_dependency_fails_the_dramatiq_worker_start(anyi
         assert events == ["pool up", "pool down"]
 
 
-def interrupt_once(backend: str, delay: float, during_teardown: bool) -> None:
+def interrupt(backend: str, delay: float, during_teardown: bool, second: float | None) -> None:
+    """Raise TimeLimitExceeded in a thread waiting for a job after ``delay`` seconds
+    and, when ``second`` is not None, Dramatiq's Shutdown that much later."""
     events = Events()
 
     @dependency(scope="worker")
@@ -581,6 +606,7 @@ def interrupt_once(backend: str, delay: float, during_teardown: bool) -> None:
     loop.start()
     try:
         ready, sent = threading.Event(), threading.Event()
+        balanced: list[bool] = []
 
         def target() -> None:
             # The exception may land anywhere in here, even after the job: the outer
@@ -588,12 +614,15 @@ def interrupt_once(backend: str, delay: float, during_teardown: bool) -> None:
             # it lands before the thread ends.
             try:
                 ready.set()
-                with contextlib.suppress(TimeLimitExceeded):
+                try:
                     loop.run(lambda rt: rt.run(work))
+                except (TimeLimitExceeded, Shutdown):
+                    # What the worker thread sees: the teardown is over already.
+                    balanced.append(events.count("up") == events.count("down"))
                 while not sent.wait(0.005):
                     pass
                 time.sleep(0.05)
-            except TimeLimitExceeded:
+            except (TimeLimitExceeded, Shutdown):
                 pass
 
         thread = threading.Thread(target=target)
@@ -602,9 +631,13 @@ def interrupt_once(backend: str, delay: float, during_teardown: bool) -> None:
         time.sleep(delay)
         assert thread.ident is not None
         raise_thread_exception(thread.ident, TimeLimitExceeded)
+        if second is not None:
+            time.sleep(second)
+            raise_thread_exception(thread.ident, Shutdown)
         sent.set()
         thread.join(30)
         assert not thread.is_alive()
+        assert all(balanced)
         assert events.count("up") == events.count("down")  # every session set up was torn down
         assert not loop._inflight
         assert loop.run(lambda rt: rt.run(work)) == "pool"  # the loop still serves
@@ -613,11 +646,18 @@ def interrupt_once(backend: str, delay: float, during_teardown: bool) -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(delay=st.floats(min_value=0, max_value=0.03), during_teardown=st.booleans())
-def test_a_time_limit_at_any_moment_never_leaks_a_teardown(delay: float, during_teardown: bool) -> None:
+@given(
+    delay=st.floats(min_value=0, max_value=0.03),
+    during_teardown=st.booleans(),
+    second=st.none() | st.floats(min_value=0, max_value=0.02),
+)
+def test_a_time_limit_at_any_moment_never_leaks_a_teardown(
+    delay: float, during_teardown: bool, second: float | None
+) -> None:
     """Dramatiq raises its time limit asynchronously in the worker thread, so it may land
     anywhere: before submission, while the job is set up, runs or is torn down, or after.
-    Whatever the moment, every session set up is torn down before the thread sees the
-    exception, nothing stays in flight, and the loop keeps serving."""
+    Whatever the moment, and even when a shutdown notification follows it, every session
+    set up is torn down before the thread sees the exception, nothing stays in flight,
+    and the loop keeps serving."""
     for backend in ("asyncio", "trio"):
-        interrupt_once(backend, delay, during_teardown)
+        interrupt(backend, delay, during_teardown, second)
