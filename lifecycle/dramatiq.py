@@ -31,6 +31,7 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import enum
@@ -44,6 +45,7 @@ from typing import Any, Protocol, TypeVar, overload
 
 import anyio
 import dramatiq
+from anyio.abc import TaskGroup
 from anyio.from_thread import BlockingPortal
 from dramatiq.broker import Broker, MessageProxy
 from dramatiq.middleware import Middleware, MiddlewareError, Retries
@@ -140,6 +142,9 @@ class _ProcessLoop:
         self._drained: anyio.Event | None = None
         self._inflight: set[_Call] = set()
         self._accepting = False
+        self._wake: anyio.Event | None = None  # set when _queue has jobs to start
+        self._queue: collections.deque[tuple[Any, _Call, concurrent.futures.Future[Any]]] = collections.deque()
+        self._call_soon: Callable[..., Any] | None = None
         # Thread-side state, under _lock.
         self._lock = threading.Lock()
         self._state = _State.NEW
@@ -190,16 +195,27 @@ class _ProcessLoop:
     async def _serve(self, ready: concurrent.futures.Future[None]) -> None:
         self._stop = anyio.Event()
         self._drained = anyio.Event()
-        async with BlockingPortal() as portal, self.make_runtime() as runtime:
+        async with BlockingPortal() as portal, self.make_runtime() as runtime, anyio.create_task_group() as jobs:
             self.runtime = runtime
             self.portal = portal
+            self._wake = anyio.Event()
+            dispatcher = anyio.CancelScope()
+
+            async def dispatch() -> None:
+                with dispatcher:
+                    await self._dispatch(jobs)
+
+            jobs.start_soon(dispatch)
+            self._call_soon = _call_soon_threadsafe(self.backend)
             self._accepting = True
             ready.set_result(None)
             await self._stop.wait()
             # Jobs still in flight are orphans now (Dramatiq no longer waits for them):
             # cancel them and let their teardown finish while worker scope, which they
-            # may still use, is alive.
+            # may still use, is alive. Jobs not started yet never start.
             self._accepting = False
+            dispatcher.cancel()
+            self._refuse_queued()
             for call in list(self._inflight):
                 assert call.scope is not None
                 call.scope.cancel()
@@ -251,14 +267,19 @@ class _ProcessLoop:
         submitted = False
         future: concurrent.futures.Future[T] | None = None
         try:
-            portal = self.portal
-            if portal is None or self._state is not _State.RUNNING:
+            call_soon, thread = self._call_soon, self._thread
+            if call_soon is None or thread is None or self._state is not _State.RUNNING:
                 raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is not running")
             submitted = True
+            pending: concurrent.futures.Future[T] = concurrent.futures.Future()
             try:
-                future = portal.start_task_soon(self._host_call, work, call)
-            except RuntimeError as exc:  # the portal stopped between the check and here
+                # One hop to the loop, which starts the job's task without answering
+                # back (anyio's BlockingPortal.start_task_soon waits for the task's
+                # start: a second hop, which doubled the cost per message).
+                call_soon(self._spawn, work, call, pending)
+            except RuntimeError as exc:  # the loop stopped between the check and here
                 raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed") from exc
+            future = pending
             # Short slices, so that an asynchronous exception is raised within _POLL.
             while True:
                 try:
@@ -266,6 +287,8 @@ class _ProcessLoop:
                 except TimeoutError:
                     if future.done():
                         raise  # the job's own TimeoutError, not the wait's
+                    if not thread.is_alive():  # the loop ended before it could start the job
+                        raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed") from None
 
         except BaseException:
             if submitted and not call.done.is_set():
@@ -273,6 +296,46 @@ class _ProcessLoop:
                 # wait then. Otherwise the wait is bounded by the job's teardown.
                 self._abandon(call, None if future is not None else _UNSURE_SUBMIT_WAIT)
             raise
+
+    def _spawn(
+        self, work: Callable[[Runtime], Awaitable[T]], call: _Call, future: concurrent.futures.Future[T]
+    ) -> None:  # on the loop thread, as a callback outside any task: it must never raise
+        if not self._accepting or self._wake is None:
+            future.set_exception(_ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closing"))
+            call.done.set()
+            return
+        # A callback cannot start a task (anyio needs a task to know its backend); the
+        # dispatcher task does. Setting the backend's event is fine from a callback.
+        self._queue.append((work, call, future))
+        self._wake.set()
+
+    async def _dispatch(self, jobs: TaskGroup) -> None:
+        while True:
+            assert self._wake is not None
+            await self._wake.wait()
+            # No checkpoint from here to the end of the loop body, so no callback can
+            # append between the new event and the drain.
+            self._wake = anyio.Event()
+            while self._queue:
+                jobs.start_soon(self._host, *self._queue.popleft())
+
+    def _refuse_queued(self) -> None:
+        while self._queue:
+            _work, call, future = self._queue.popleft()
+            future.set_exception(_ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closing"))
+            call.done.set()
+
+    async def _host(
+        self, work: Callable[[Runtime], Awaitable[T]], call: _Call, future: concurrent.futures.Future[T]
+    ) -> None:
+        try:
+            result = await self._host_call(work, call)
+        except BaseException as exc:
+            future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise  # a cancellation from outside the job's own scope goes on
+        else:
+            future.set_result(result)
 
     async def _host_call(self, work: Callable[[Runtime], Awaitable[T]], call: _Call) -> T:
         try:
@@ -372,6 +435,19 @@ class _ProcessLoop:
             self.portal = None
             self._state = _State.CLOSED
             self._closed.set()
+
+
+def _call_soon_threadsafe(backend: str) -> Callable[..., Any]:
+    """The running loop's way to run a callback soon, called from another thread
+    without waiting: asyncio's ``call_soon_threadsafe``, trio's ``run_sync_soon``. Both
+    raise ``RuntimeError`` once the loop has ended."""
+    if backend == "trio":
+        import trio
+
+        return trio.lowlevel.current_trio_token().run_sync_soon
+    import asyncio
+
+    return asyncio.get_running_loop().call_soon_threadsafe
 
 
 class _Current(threading.local):
