@@ -20,14 +20,20 @@ Why it is shaped this way:
   loop (its generators see the backend's cancellation at their ``yield``), and the
   thread waits for the job's teardown before the exception reaches Dramatiq, which then
   retries or fails the message as it does for any actor.
+- A job reaches the loop in one hop: the worker thread hands it to a callback
+  (``call_soon_threadsafe`` / ``run_sync_soon``) that queues it for a dispatcher task.
+  ``BlockingPortal.start_task_soon`` waits for the loop to acknowledge the task's start,
+  a second hop that cost about 80 µs per message; the portal serves only the rare
+  cancel and stop calls.
 - The loop thread is a daemon started by hand rather than ``start_blocking_portal``'s
   executor thread: a worker process forced to exit (a second SIGTERM) must not hang in
   the interpreter's join of a loop that nothing will stop.
 - A job still running when the loop closes (Dramatiq's shutdown timeout passed, or
   ``shutdown()`` was called) is cancelled and its teardown finishes before worker scope
-  is torn down, so no job ever sees a torn-down worker-scoped value. Its worker thread
-  then leaves the message unacknowledged (see ``_ProcessClosed``), so the broker
-  redelivers it: at least once, like any message Dramatiq abandons at shutdown."""
+  is torn down, so no job ever sees a torn-down worker-scoped value. When the worker's
+  shutdown closed it, the worker thread then leaves the message unacknowledged
+  (``DramatiqLifecycle._run``), so the broker redelivers it: at least once, like any
+  message Dramatiq abandons at shutdown."""
 
 from __future__ import annotations
 
