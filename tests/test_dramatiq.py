@@ -387,6 +387,44 @@ def test_outcomes_map_onto_dramatiq_retries_and_dead_letters(anyio_backend: str)
         assert events[-1] == "pool down"
 
 
+def test_a_message_the_producer_did_not_check_is_dead_lettered_without_retry(anyio_backend: str) -> None:
+    with stub_app(anyio_backend) as (broker, lc, events):
+        _pool, session = tree(lc, events)
+
+        @lc.actor(queue_name="q", store_results=True, max_retries=5)
+        async def double(n: int, s: Annotated[str, Depends(session)]) -> int:
+            return 2 * n
+
+        # Sent by another program, bypassing LifecycleActor's check.
+        raw = broker.enqueue(
+            dramatiq.Message(queue_name="q", actor_name="double", args=(), kwargs={"n": "x"}, options={})
+        )
+        with worker(broker):
+            with pytest.raises(
+                ResultFailure, match=r"PayloadError: job 'double' \(test_dramatiq:.*double\): n: Input should be"
+            ):
+                raw.get_result(block=True, timeout=30_000)
+            assert double.send(n="21").get_result(block=True, timeout=30_000) == 42  # converted at the door
+        assert [m.message_id for m in broker.dead_letters] == [raw.message_id]  # at once, not after 5 retries
+        assert events.count("session up double attempt=1") == 1  # only the valid one set anything up
+
+
+def test_a_sync_actor_body_and_a_direct_call_run_as_jobs(anyio_backend: str) -> None:
+    with stub_app(anyio_backend) as (broker, lc, events):
+        _pool, session = tree(lc, events)
+
+        @lc.actor(queue_name="q", store_results=True)
+        def shout(word: str, s: Annotated[str, Depends(session)], ctx: JobContext) -> str:
+            return f"{word.upper()} via {s}, attempt {ctx.attempt}"
+
+        assert shout("hi") == "HI via session, attempt 1"  # here and now, in this process's runtime
+        assert events == ["pool up", "session up shout attempt=1", "session down"]
+        with worker(broker):  # the worker adopts the running runtime, and tears it down at its shutdown
+            assert shout.send("yo").get_result(block=True, timeout=30_000) == "YO via session, attempt 1"
+        assert events.count("pool up") == 1
+        assert events[-1] == "pool down"
+
+
 def test_a_retry_with_no_attempts_left_fails_naming_the_cause(anyio_backend: str) -> None:
     with stub_app(anyio_backend) as (broker, lc, _events):
 
