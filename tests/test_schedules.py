@@ -557,3 +557,20 @@ def test_worker_command_runs_module_schedules_unless_told_not_to(tmp_path: Path)
             proc.communicate()
         assert evidence.exists() is expect_runs
         evidence.unlink(missing_ok=True)
+
+
+@pytest.mark.anyio
+async def test_a_test_worker_runs_scheduled_jobs_without_ticking() -> None:
+    from lifecycle.testing import TestWorker
+
+    ran: list[int] = []
+
+    @job(every=0.05)
+    async def often(n: int = 0) -> None:
+        ran.append(n)
+
+    worker = TestWorker([often])
+    assert worker.scheduler is None
+    await worker.enqueue(often, {"n": 1})
+    await worker.drain(timeout=30)
+    assert ran == [1]
