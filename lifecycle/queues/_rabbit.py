@@ -546,8 +546,9 @@ class RabbitQueue:
             connection = await self._connect()
             for _ in range(5):
                 # One channel kept for key and state queues, apart from the publisher's
-                # and the consumer's: a declare the broker refuses (a missing queue, other
-                # arguments) closes it, and only this one is opened again, next time.
+                # and the consumer's: a declare the broker refuses (other arguments)
+                # closes it, and only this one is opened again, next time. A consumer's
+                # check is one mandatory publish on it, confirmed: one round trip.
                 held_channel = self._control
                 if held_channel is None or held_channel[0] is not connection or held_channel[1].is_closed:
                     opened = await asyncio.wait_for(connection.channel(), self.timeout)
@@ -569,7 +570,9 @@ class RabbitQueue:
 
         try:
             if ttl is None:
-                queue = await asyncio.wait_for(channel.declare_queue(name, passive=True), self.timeout)
+                # An existing queue only: no declare (a passive one that misses closes the
+                # channel); the publish below is mandatory, and comes back if it is missing.
+                queue = await channel.get_queue(name, ensure=False)
             else:
                 ms = max(1, math.ceil(ttl * 1000))
                 arguments: dict[str, Any] = {
@@ -582,17 +585,19 @@ class RabbitQueue:
                 queue = await asyncio.wait_for(
                     channel.declare_queue(name, durable=True, arguments=arguments), self.timeout
                 )
-        except exceptions.ChannelNotFoundEntity:
-            return "missing", b""
         except exceptions.ChannelPreconditionFailed:
             raise _Retry from None  # declared by another producer with another ttl: it exists
         if body is None:
             return "claimed", b""
         message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         try:
-            confirmed = await channel.default_exchange.publish(message, routing_key=name, timeout=self.timeout)
+            confirmed = await channel.default_exchange.publish(
+                message, routing_key=name, mandatory=True, timeout=self.timeout
+            )
         except exceptions.DeliveryError:
             confirmed = None
+        if isinstance(getattr(confirmed, "delivery", None), spec.Basic.Return):
+            return "missing", b""  # no such queue: the mandatory publish came back
         if isinstance(confirmed, spec.Basic.Ack):
             return "claimed", b""
         # Nacked: the queue is full, it holds a message already.
