@@ -17,6 +17,7 @@ from ._errors import (
 )
 from ._job import Job, job
 from ._markers import Depends, dependency
+from ._outcome import Failed, Outcome, Rejected, RetryLater, Succeeded
 from ._runtime import Runtime, run
 from ._worker import Worker
 
@@ -26,15 +27,20 @@ __all__ = [
     "CommitFailed",
     "DependencyError",
     "Depends",
+    "Failed",
     "Job",
     "JobContext",
     "JobTimeout",
     "LifecycleError",
+    "Outcome",
     "PayloadError",
     "Reject",
+    "Rejected",
     "Retry",
+    "RetryLater",
     "Runtime",
     "StartupError",
+    "Succeeded",
     "TeardownTimeout",
     "Worker",
     "dependency",
@@ -48,15 +54,19 @@ for _public in (
     CommitFailed,
     DependencyError,
     Depends,
+    Failed,
     Job,
     JobContext,
     JobTimeout,
     LifecycleError,
     PayloadError,
     Reject,
+    Rejected,
     Retry,
+    RetryLater,
     Runtime,
     StartupError,
+    Succeeded,
     TeardownTimeout,
     Worker,
     dependency,

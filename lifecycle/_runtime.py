@@ -18,12 +18,14 @@ from typing import Any, TypeVar, overload
 import anyio
 from anyio.abc import TaskGroup
 
+from ._analysis import label
 from ._codegen import Runner, Runners
 from ._context import JobContext
-from ._errors import DependencyError, JobTimeout, LifecycleError, Retry
+from ._errors import DependencyError, JobTimeout, LifecycleError, PayloadError, Reject, Retry
 from ._job import Job, as_job
 from ._log import LOG, JobLog, describe, log_failure
 from ._markers import Depends
+from ._outcome import Failed, Outcome, Rejected, RetryLater, Succeeded
 from ._plan import Plan, WorkerNode
 from ._retry import RetryPolicy, Verdict
 from ._watchdog import Watchdog
@@ -33,6 +35,9 @@ T = TypeVar("T")
 
 # ``Runtime.run`` retries at once unless ``Retry(delay)`` asks for a wait.
 _POLICY = RetryPolicy()
+# ``Runtime.attempt``'s default backoff: the queue Worker's (``retry_backoff=1.0``), so a
+# consumer loop the library does not own spaces its retries as a Worker would.
+_ATTEMPT_POLICY = RetryPolicy(1.0, 300.0)
 
 
 def _new_id() -> str:
@@ -262,28 +267,9 @@ class Runtime:
             except BaseException as exc:
                 verdict, delay = _POLICY.decide(exc, attempt, job.retries)
                 if verdict != Verdict.RETRY:
-                    if verdict == Verdict.EXHAUSTED and isinstance(exc, Retry):
-                        used_up = _POLICY.used_up(attempt, job.retries)
-                        exc.add_note(f"lifecycle: job {job.name!r} asked to retry but has {used_up}")
-                        # A deliberate outcome: one line, no traceback.
-                        LOG.error(
-                            "job.failed",
-                            job=job.name,
-                            job_id=job_id,
-                            attempt=attempt,
-                            error=f"{describe(exc)}; {used_up}",
-                        )
-                    else:
-                        _log_failure(job, job_id, attempt, exc)
+                    _log_final(job, job_id, attempt, exc, verdict)
                     raise
-                LOG.warning(
-                    "job.retrying",
-                    job=job.name,
-                    job_id=job_id,
-                    attempt=attempt,
-                    delay=delay,
-                    error=describe(exc),
-                )
+                _log_retrying(job, job_id, attempt, delay, exc)
             if delay:
                 await anyio.sleep(delay)
             attempt += 1
@@ -310,6 +296,86 @@ class Runtime:
         """
         job = as_job(fn)
         return await self._attempt(job, self._compiled(job), payload, extras, job_id or _new_id(), attempt)
+
+    async def attempt(
+        self,
+        fn: Callable[..., Any],
+        payload: Mapping[str, Any],
+        *,
+        attempt: int = 1,
+        job_id: str | None = None,
+        backoff: float | None = 1.0,
+        backoff_max: float = 300.0,
+    ) -> Outcome:
+        """Run one attempt of a job for a consumer loop the library does not own, and
+        return what to do with its message instead of raising.
+
+        The retry rules are the ones ``run`` and ``Worker`` follow (README,
+        "Semantics"): ``Reject`` and a payload that does not fit are ``Rejected``;
+        a graph error, or any failure on the job's last attempt (a ``Retry`` included),
+        is ``Failed``; any other ``Exception`` (a ``JobTimeout`` too) with attempts
+        left is ``RetryLater``. The outcome is logged as ``run`` logs it
+        (``job.succeeded``, ``job.retrying``, ``job.rejected``, ``job.failed``).
+
+        Args:
+            fn: a ``@job``, or any callable with ``Depends`` parameters (sync or async).
+            payload: the job's arguments by name (a decoded message body); validated
+                before anything is set up. Not a mapping: ``Rejected``.
+            attempt: this attempt's number, from 1, as the caller's message carries it;
+                attempt ``retries + 1`` is the job's last.
+            job_id: the job's id in logs and ``JobContext.id`` (a message id); None: a
+                fresh random one.
+            backoff: seconds before the first retry when the job gave no
+                ``Retry(delay)``, doubled per attempt with jitter (half to all of it);
+                None: retry at once (``RetryLater.delay`` is 0).
+            backoff_max: the cap on that backoff, in seconds.
+
+        Returns:
+            ``Succeeded(result)``, ``RetryLater(delay, error)``, ``Rejected(reason,
+            error)`` or ``Failed(error)``.
+
+        Raises:
+            ValueError: ``attempt`` is not a positive int.
+            LifecycleError: the runtime is not open.
+            BaseException: cancellation (the caller's, a shutdown's) and anything else
+                that is not an ``Exception`` propagates: it is never an outcome.
+        """
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+            name = getattr(fn, "name", None) or getattr(fn, "__qualname__", repr(fn))
+            raise ValueError(f"job {name!r}: attempt must be an int >= 1 (1 is the first attempt), got {attempt!r}")
+        if not self._open:
+            raise LifecycleError("the Runtime is not open; use `async with Runtime() as rt:`")
+        job_id = job_id or _new_id()
+        try:
+            job = as_job(fn)
+        except DependencyError as exc:
+            # A plain callable whose graph cannot be read: no job name to log under.
+            LOG.error("job.failed", job=label(fn), job_id=job_id, attempt=attempt, error=describe(exc))
+            return Failed(exc)
+        try:
+            if not isinstance(payload, Mapping):
+                raise PayloadError(
+                    f"job {job.name!r}: the payload must be a mapping, got {type(payload).__name__}", job=job.name
+                )
+            bound, extras = job.bind_payload((), payload)
+        except PayloadError as exc:
+            LOG.warning("job.rejected", job=job.name, job_id=job_id, attempt=attempt, reason=describe(exc))
+            return Rejected(str(exc), exc)
+        policy = _ATTEMPT_POLICY if (backoff, backoff_max) == (1.0, 300.0) else RetryPolicy(backoff, backoff_max)
+        try:
+            runners = self._compiled(job)
+            result = await self._attempt(job, runners, bound, extras, job_id, attempt)
+        except Exception as exc:
+            verdict, delay = policy.decide(exc, attempt, job.retries)
+            if verdict == Verdict.RETRY:
+                delay = delay or 0.0
+                _log_retrying(job, job_id, attempt, delay, exc)
+                return RetryLater(delay, exc)
+            _log_final(job, job_id, attempt, exc, verdict)
+            if verdict == Verdict.REJECTED and isinstance(exc, Reject):
+                return Rejected(exc.reason, exc)
+            return Failed(exc)
+        return Succeeded(result)
 
     async def _attempt(
         self,
@@ -352,10 +418,21 @@ class Runtime:
         return bound
 
 
-def _log_failure(job: Job[..., Any], job_id: str, attempt: int, exc: BaseException) -> None:
-    # job.cancelled / job.rejected / job.timed_out in one line, job.failed with the
-    # traceback only for an unexpected error (see _log.log_failure).
-    log_failure(LOG, exc, job=job.name, job_id=job_id, attempt=attempt)
+def _log_final(job: Job[..., Any], job_id: str, attempt: int, exc: BaseException, verdict: Verdict) -> None:
+    """Log an attempt that ends the job (any verdict but ``RETRY``)."""
+    if verdict == Verdict.EXHAUSTED and isinstance(exc, Retry):
+        used_up = _POLICY.used_up(attempt, job.retries)
+        exc.add_note(f"lifecycle: job {job.name!r} asked to retry but has {used_up}")
+        # A deliberate outcome: one line, no traceback.
+        LOG.error("job.failed", job=job.name, job_id=job_id, attempt=attempt, error=f"{describe(exc)}; {used_up}")
+    else:
+        # job.cancelled / job.rejected / job.timed_out in one line, job.failed with the
+        # traceback only for an unexpected error (see _log.log_failure).
+        log_failure(LOG, exc, job=job.name, job_id=job_id, attempt=attempt)
+
+
+def _log_retrying(job: Job[..., Any], job_id: str, attempt: int, delay: float | None, exc: BaseException) -> None:
+    LOG.warning("job.retrying", job=job.name, job_id=job_id, attempt=attempt, delay=delay, error=describe(exc))
 
 
 async def _run_with_timeout(
