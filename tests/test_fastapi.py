@@ -488,3 +488,24 @@ def test_a_uvicorn_app_and_a_worker_process_share_get_db_through_redis(stack: di
     assert [e["pool"] for e in of(worker.pid, "db.opened")] == worker_pools
     assert [e["session"] for e in of(worker.pid, "db.closed")] == [e["session"] for e in of(worker.pid, "db.opened")]
     assert [e["pool"] for e in of(worker.pid, "pool.closed")] == worker_pools
+
+
+def test_the_core_never_imports_fastapi_and_the_bridge_names_its_extra() -> None:
+    script = (
+        "import sys\n"
+        "import lifecycle\n"
+        "from lifecycle import Runtime, job\n"
+        "@job\n"
+        "async def plain(x: int) -> int:\n"
+        "    return x\n"
+        "assert lifecycle.run(plain, x=2) == 2\n"
+        "assert not {'fastapi', 'starlette'} & set(sys.modules), sorted(sys.modules)\n"
+        "sys.modules['fastapi'] = None  # as if the extra were not installed\n"
+        "try:\n"
+        "    import lifecycle.fastapi\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "pip install 'lifecycle[fastapi]'" in done.stdout
