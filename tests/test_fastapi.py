@@ -434,6 +434,7 @@ def _events(evidence: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in evidence.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.redis
 def test_a_uvicorn_app_and_a_worker_process_share_get_db_through_redis(stack: dict[str, Any]) -> None:
     server, worker = stack["server"], stack["worker"]
 

@@ -13,11 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import anyio
 import pytest
 from support import require_service
 
-aiomqtt = pytest.importorskip("aiomqtt")
+pytestmark = pytest.mark.mqtt
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "mqtt_consumer.py"
 HOST = os.environ.get("LIFECYCLE_TEST_MQTT_HOST", "127.0.0.1")
