@@ -188,6 +188,7 @@ class FastAPILifecycle:
         queue: Queue | None = None,
         delay: float | None = None,
         at: float | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> str:
         """Validate ``payload`` against ``job`` and enqueue it for a worker; return the
         message id. A payload that does not fit is refused here: FastAPI answers 422 with
@@ -200,6 +201,8 @@ class FastAPILifecycle:
             queue: where to send it; None: the queue given to ``FastAPILifecycle``.
             delay: seconds from now; None or <= 0 means now. Not with ``at``.
             at: when to run it, in seconds since the epoch. Not with ``delay``.
+            headers: string metadata carried with the message (a W3C ``traceparent``
+                from the request, say); see ``Queue.enqueue``.
 
         Raises:
             fastapi.exceptions.RequestValidationError: the payload does not fit the job.
@@ -216,7 +219,7 @@ class FastAPILifecycle:
                 f"FastAPILifecycle.enqueue({job.name!r}): no queue; pass queue= here or to FastAPILifecycle(queue=...)"
             )
         try:
-            return await target.enqueue(job, payload, delay=delay, at=at)
+            return await target.enqueue(job, payload, delay=delay, at=at, headers=headers)
         except PayloadError as exc:
             raise RequestValidationError(exc.errors) from exc
 

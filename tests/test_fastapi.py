@@ -341,7 +341,9 @@ async def test_enqueue_needs_a_job_and_a_queue() -> None:
         with pytest.raises(LifecycleError, match=r"enqueue\('signup'\): no queue"):
             await lc.enqueue(signup, {"user_id": 1, "email": "x"})
         other = MemoryQueue()
-        assert await lc.enqueue(signup, {"user_id": 1, "email": "x"}, queue=other)
+        sent = await lc.enqueue(signup, {"user_id": 1, "email": "x"}, queue=other, headers={"traceparent": "00-ab"})
+        [delivery] = await other.receive(10, 0.1)
+    assert delivery.id == sent and delivery.headers == {"traceparent": "00-ab"}
 
 
 def test_the_module_is_public() -> None:
