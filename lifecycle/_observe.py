@@ -301,7 +301,8 @@ class Observer:
         # What the plan builder reads: the signature and @dependency options (both
         # found through __wrapped__), the label (module and qualname) and the kind
         # (the wrapper's own code, which detection looks at first).
-        wrapper.__wrapped__ = call  # type: ignore[attr-defined]
+        target: Any = wrapper  # setting attributes on a function
+        target.__wrapped__ = call
         wrapper.__module__ = getattr(call, "__module__", None) or wrapper.__module__
         for attribute in ("__qualname__", "__name__", "__doc__"):
             value = getattr(call, attribute, None)
@@ -309,7 +310,7 @@ class Observer:
                 setattr(wrapper, attribute, value)
         if not isinstance(getattr(call, "__qualname__", None), str):  # a callable instance
             wrapper.__qualname__ = provider.label.partition(":")[2]
-        wrapper.__lifecycle_observed__ = self  # type: ignore[attr-defined]
+        target.__lifecycle_observed__ = self
         return wrapper
 
     # -- job attempts -----------------------------------------------------------------------
@@ -349,7 +350,8 @@ class Observer:
 
     def _job_span(self, job: str, job_id: str, attempt: int) -> Any:
         trace = trace_api()
-        assert trace is not None and self.tracer is not None
+        assert trace is not None
+        assert self.tracer is not None
         attributes: dict[str, Any] = {
             "lifecycle.job.id": job_id,
             "lifecycle.job.name": job,
