@@ -24,7 +24,7 @@ import anyio
 import h11
 from anyio.abc import SocketStream, TaskStatus
 
-from ._log import LOG, describe
+from ._log import LOG
 
 # A request larger than this (line and headers) is refused: probes send a few lines.
 _MAX_REQUEST = 8192
@@ -57,8 +57,8 @@ async def _answer(probe: Probe, stream: SocketStream) -> None:
                 await _exchange(probe, stream)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError):
                 pass  # the prober hung up
-            except h11.RemoteProtocolError as exc:
-                LOG.debug("worker.health_bad_request", error=describe(exc))
+            except h11.RemoteProtocolError:
+                pass  # not HTTP: nothing to answer
 
 
 async def _exchange(probe: Probe, stream: SocketStream) -> None:

@@ -147,8 +147,15 @@ class _Phase:
         self.span: Any = None
         self._detach: Any = None
         if observer.tracer is not None:
+            parent = None
+            if scope == "worker" and phase == "teardown":
+                # At runtime close, long after the job that created it: a trace of its own.
+                trace = trace_api()
+                assert trace is not None
+                parent = trace.set_span_in_context(trace.INVALID_SPAN)
             self.span = observer.tracer.start_span(
-                f"{phase} {dependency.rpartition(':')[2]}",
+                f"{phase} {_short(dependency)}",
+                context=parent,
                 attributes={
                     "lifecycle.dependency": dependency,
                     "lifecycle.dependency.scope": scope,
@@ -202,6 +209,12 @@ class _Phase:
             self.end()
         else:
             self.end(raised)
+
+
+def _short(label: str) -> str:
+    """A span name's part of a ``module:qualname`` label: the qualname, without the
+    ``outer.<locals>.`` of a function defined inside another."""
+    return label.rpartition(":")[2].rpartition("<locals>.")[2]
 
 
 def _type_name(exc: BaseException) -> str:
