@@ -21,7 +21,7 @@ from lifecycle import Depends, Worker, dependency, job
 from lifecycle.queues import MemoryQueue
 
 sys.path.insert(0, str(Path(__file__).with_name("chaos")))
-from chaos_harness import RedisServer, require_redis_server  # noqa: E402
+from chaos_harness import RedisServer, require_redis_server
 
 pytestmark = pytest.mark.anyio
 

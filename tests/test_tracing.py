@@ -9,6 +9,7 @@ only once per process)."""
 
 import contextvars
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -178,10 +179,10 @@ async def test_a_failing_setup_is_recorded_on_its_span_and_the_job_span(traces: 
 
 async def test_a_swallowed_error_is_recorded_on_the_teardown_span_that_swallowed_it(traces: Traces) -> None:
     async def swallows() -> Any:
-        try:
+        try:  # noqa: SIM105 - a generator that swallows the job's error; the job still fails (rule 3)
             yield "x"
         except ValueError:
-            pass  # the job still fails (rule 3); the span says who swallowed what
+            pass
 
     def replaces() -> Any:
         try:
@@ -446,3 +447,51 @@ async def test_enqueue_adds_trace_context_only_inside_a_span_and_never_replaces_
     assert deliveries["traced"].headers["traceparent"].startswith(expected)  # then the trace flags
     assert deliveries["own"].headers["traceparent"] == "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
     assert deliveries["own"].headers["x"] == "y"
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis-py's client is asyncio-only
+async def test_a_trace_continues_across_redis_through_a_retry(traces: Traces, redis_url: str) -> None:
+    from redis.asyncio import Redis
+
+    from lifecycle.queues import RedisStreamQueue
+
+    stream = f"lifecycle-trace-{uuid.uuid4().hex[:12]}"
+    attempts: list[int] = []
+
+    @job(name="flaky", retries=1)
+    async def flaky(n: int) -> int:
+        attempts.append(n)
+        if len(attempts) == 1:
+            raise Retry(delay=0)
+        return n
+
+    queue = RedisStreamQueue(redis_url, stream=stream, group="workers")
+    tracer = traces.provider.get_tracer("producer")
+    try:
+        with tracer.start_as_current_span("web request", kind=SpanKind.PRODUCER) as producer:
+            await queue.enqueue(flaky, {"n": 7})
+        worker = Worker(queue, [flaky], tracer_provider=traces.provider, poll_interval=0.1, retry_backoff=0.01)
+        async with anyio.create_task_group() as group:
+            group.start_soon(worker.run)
+            with anyio.fail_after(60):
+                while worker.stats["succeeded"] < 1:
+                    await anyio.sleep(0.05)
+            worker.stop()
+    finally:
+        await queue.close()
+        client = Redis.from_url(redis_url)
+        keys = [key async for key in client.scan_iter(f"{stream}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+    spans = sorted(traces.named("job flaky"), key=lambda span: span.attributes["lifecycle.job.attempt"])  # type: ignore[index]
+    assert [span.attributes["lifecycle.job.outcome"] for span in spans] == ["retry", "succeeded"]  # type: ignore[index]
+    producer_context = producer.get_span_context()
+    for span in spans:  # both attempts continue the producer's trace (a retry keeps its headers)
+        assert span.context.trace_id == producer_context.trace_id  # type: ignore[union-attr]
+        assert span.parent is not None and span.parent.span_id == producer_context.span_id
+        assert span.kind == SpanKind.CONSUMER
+        assert span.attributes["messaging.system"] == "redis"  # type: ignore[index]
+        assert span.attributes["messaging.destination.name"] == stream  # type: ignore[index]
+        assert span.attributes["messaging.consumer.group.name"] == "workers"  # type: ignore[index]
