@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import anyio
 
 from ._analysis import Kind, Provider, analyse
-from ._errors import JobTimeout, Reject, Retry
+from ._errors import DependencyError, JobTimeout, Reject, Retry
 from ._plan import cache_key
 
 # Span and metric label values for one attempt's outcome.
@@ -214,6 +214,8 @@ class _Phase:
 def _short(label: str) -> str:
     """A span name's part of a ``module:qualname`` label: the qualname, without the
     ``outer.<locals>.`` of a function defined inside another."""
+    if label.startswith("partial(") and label.endswith(")"):
+        return f"partial({_short(label[8:-1])})"
     return label.rpartition(":")[2].rpartition("<locals>.")[2]
 
 
@@ -274,7 +276,11 @@ class Observer:
         key = cache_key(call)
         found = self._wrappers.get(key)
         if found is None:
-            found = self._wrappers[key] = self._make_wrapper(call, analyse(call))
+            try:
+                provider = analyse(call)
+            except DependencyError:
+                return call  # not a valid dependency: the plan builder reports it, in context
+            found = self._wrappers[key] = self._make_wrapper(call, provider)
             self._originals[key] = call
         return found
 

@@ -495,3 +495,76 @@ async def test_a_trace_continues_across_redis_through_a_retry(traces: Traces, re
         assert span.attributes["messaging.system"] == "redis"  # type: ignore[index]
         assert span.attributes["messaging.destination.name"] == stream  # type: ignore[index]
         assert span.attributes["messaging.consumer.group.name"] == "workers"  # type: ignore[index]
+
+
+# -- every kind of dependency, observed ---------------------------------------------------------
+
+
+class Settings:
+    def __init__(self, prefix: str = "s") -> None:
+        self.prefix = prefix
+
+
+class AsyncCallable:
+    async def __call__(self, s: Annotated[Settings, Depends(Settings)]) -> str:
+        return f"{s.prefix}-async-instance"
+
+
+class Holder:
+    def method(self, job_arg: int) -> str:
+        return f"method({job_arg})"
+
+
+holder = Holder()
+
+
+def with_default(tag: str, job_arg: int) -> str:
+    return f"{tag}:{job_arg}"
+
+
+@dependency(threaded=False)
+def inline_gen() -> Any:
+    yield threading.current_thread().name == "MainThread"
+
+
+async def test_every_kind_of_dependency_gives_the_same_values_and_a_span_each(traces: Traces) -> None:
+    import functools
+
+    partial = functools.partial(with_default, "p")
+    instance = AsyncCallable()
+
+    @job(name="kinds")
+    async def kinds(
+        job_arg: int,
+        s: Annotated[Settings, Depends()],
+        a: Annotated[str, Depends(instance)],
+        m: Annotated[str, Depends(holder.method)],
+        p: Annotated[str, Depends(partial)],
+        on_loop: Annotated[bool, Depends(inline_gen)],
+    ) -> tuple[str, str, str, str, bool]:
+        return s.prefix, a, m, p, on_loop
+
+    expected = ("s", "s-async-instance", "method(4)", "p:4", True)
+    async with Runtime() as rt:
+        assert await rt.run(kinds, job_arg=4) == expected
+    async with Runtime(tracer_provider=traces.provider) as rt:
+        assert await rt.run(kinds, job_arg=4) == expected
+    names = {span.name for span in traces.spans}
+    assert {
+        "setup Settings",
+        "setup AsyncCallable() instance",
+        "setup Holder.method",
+        "setup partial(with_default)",
+        "setup inline_gen",
+        "teardown inline_gen",
+    } <= names
+    assert len([name for name in names if name.startswith("setup ")]) == 5  # Settings once (cached)
+
+
+async def test_an_invalid_override_is_reported_by_the_plan_as_without_tracing(traces: Traces) -> None:
+    from lifecycle import DependencyError
+
+    async with Runtime(tracer_provider=traces.provider) as rt:
+        rt.dependency_overrides[settings] = lambda *, unknown_param: None
+        with pytest.raises(DependencyError, match="unknown_param"):
+            await rt.run(send_email, user_id=1)
