@@ -245,3 +245,24 @@ async def test_the_grafana_dashboard_queries_only_metrics_a_worker_exports() -> 
     }
     shown = {re.sub(r"_(bucket|count|sum|total)$", "", name) for name in queried}
     assert families - shown == set(), f"metric families the dashboard does not show: {families - shown}"
+
+
+def test_without_prometheus_client_a_metrics_port_names_the_extra_to_install() -> None:
+    code = (
+        "import sys; sys.modules['prometheus_client'] = None\n"
+        "from lifecycle import Worker, job\n"
+        "from lifecycle.queues import MemoryQueue\n"
+        "try:\n"
+        "    Worker(MemoryQueue(), [job(lambda: None)], metrics_port=0)\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "pip install 'lifecycle[prometheus]'" in done.stdout, done.stderr
+    # ...and the core imports without it.
+    core = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['prometheus_client'] = None; sys.modules['opentelemetry'] = None; "
+         "import lifecycle, lifecycle.queues, lifecycle._worker; print('ok')"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert core.stdout.strip() == "ok", core.stderr
