@@ -245,3 +245,39 @@ async def test_readyz_is_503_during_a_redis_outage_while_livez_stays_200(tmp_pat
         await queue.close()
     finally:
         server.stop()
+
+
+def test_the_cli_worker_serves_health_and_metrics_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+
+    from chaos_harness import free_port
+
+    health, metrics = free_port(), free_port()
+    root = Path(__file__).resolve().parent.parent
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "lifecycle", "worker", "tests/cli_jobs.py", "--queue", "memory://",
+         "--health-port", str(health), "--metrics-port", str(metrics), "--listen-address", "127.0.0.1"],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "EVIDENCE": str(tmp_path / "evidence.log")},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        answer: Any = None
+        while time.monotonic() < deadline:
+            try:
+                answer = probe(health, "/readyz", timeout=10)
+            except OSError as exc:
+                answer = exc
+            if isinstance(answer, tuple) and answer[0] == 200:
+                break
+            assert worker.poll() is None, worker.stderr.read() if worker.stderr else ""
+            time.sleep(0.1)
+        assert isinstance(answer, tuple) and answer[0] == 200, answer
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=30) as response:
+            assert "lifecycle_broker_reconnects_total 0.0" in response.read().decode()
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(60)
+    assert code == 0, worker.stderr.read() if worker.stderr else ""
