@@ -284,8 +284,9 @@ class Worker:
 
     def _live(self) -> tuple[bool, str]:
         """For ``/livez``: the loop answered (it runs this); is the read loop turning?"""
-        if not self._ready or self._reading_full:
-            return True, "starting" if not self._ready else "every slot busy"
+        if not self._ready or self._reading_full or self._stopping:
+            # Not reading, and rightly so: starting up, full, or draining after a stop.
+            return True, "starting" if not self._ready else "draining" if self._stopping else "every slot busy"
         stale = time.monotonic() - self._read_turn
         limit = self.stall_after
         if stale > limit:

@@ -16,8 +16,10 @@ from typing import Annotated, Any
 
 import anyio
 import pytest
+from prometheus_client import CollectorRegistry
 
 from lifecycle import Depends, Worker, dependency, job
+from lifecycle.prometheus import Metrics
 from lifecycle.queues import MemoryQueue
 
 sys.path.insert(0, str(Path(__file__).with_name("chaos")))
@@ -103,7 +105,7 @@ async def test_readyz_follows_the_worker_from_start_up_to_draining_and_livez_ans
         worker.stop()
         body = await poll_until(port, "/readyz", 503)
         assert body["reason"] == "draining"
-        assert (await aprobe(port, "/livez"))[0] == 200
+        assert (await aprobe(port, "/livez"))[1]["reason"] == "draining"
         gates["job"].set()
     assert worker.health_port_bound is None  # the server stopped with the worker
     with pytest.raises(OSError):
@@ -214,9 +216,11 @@ async def test_readyz_is_503_during_a_redis_outage_while_livez_stays_200(tmp_pat
     server.start()
     try:
         queue = RedisStreamQueue(server.url, stream=f"health-{uuid.uuid4().hex[:12]}", group="workers")
+        metrics = Metrics(CollectorRegistry())
         worker = Worker(
             queue,
             [noop],
+            metrics=metrics,
             health_port=0,
             health_address="127.0.0.1",
             poll_interval=0.1,
@@ -238,6 +242,7 @@ async def test_readyz_is_503_during_a_redis_outage_while_livez_stays_200(tmp_pat
             await anyio.to_thread.run_sync(server.restart)
             await poll_until(port, "/readyz", 200)
             assert (await aprobe(port, "/livez"))[0] == 200
+            assert metrics.reconnects._value.get() >= 1  # the outage's end, counted
             # ...and it works again.
             await queue.enqueue(noop, {})
             await wait_for(lambda: worker.stats["succeeded"] == 1, limit=90)
