@@ -63,6 +63,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, *, namespace: str = "lifecycle") -> None:
         self.registry = registry if registry is not None else REGISTRY
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         options: dict[str, Any] = {"namespace": namespace, "registry": self.registry}
         self.jobs = Counter("jobs", "Messages a worker settled, by job and outcome.", ["job", "outcome"], **options)
         self.job_duration = Histogram(
@@ -129,19 +130,28 @@ class Metrics:
                 found = _defaults[id(target)] = cls(target)
             return found
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once: prometheus-client checks and joins
+        the label values on every call, which costs more than the observation itself."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     # -- the observer's sink (lifecycle._observe.MetricsSink) --------------------------------
     def attempt_started(self, job: str) -> None:
         """A job attempt started."""
-        self.in_flight.labels(job).inc()
+        self._child(self.in_flight, job).inc()
 
     def attempt_finished(self, job: str, outcome: str, seconds: float) -> None:
         """A job attempt ended with ``outcome`` after ``seconds``."""
-        self.in_flight.labels(job).dec()
-        self.job_duration.labels(job, outcome).observe(seconds)
+        self._child(self.in_flight, job).dec()
+        self._child(self.job_duration, job, outcome).observe(seconds)
 
     def dependency_timed(self, dependency: str, scope: str, phase: str, seconds: float, ok: bool) -> None:
         """A dependency's ``setup`` or ``teardown`` took ``seconds`` (``ok``: it did not raise)."""
-        (self.setup if phase == "setup" else self.teardown).labels(dependency, scope).observe(seconds)
+        self._child(self.setup if phase == "setup" else self.teardown, dependency, scope).observe(seconds)
         if not ok:
             self.dependency_errors.labels(dependency, phase).inc()
 
