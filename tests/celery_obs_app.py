@@ -15,7 +15,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
-from lifecycle import Depends
+from lifecycle import Depends, JobContext, Retry
 from lifecycle.celery import CeleryLifecycle
 
 QUEUE = os.environ.get("LIFECYCLE_CELERY_QUEUE", "lifecycle-obs-tests")
@@ -85,3 +85,11 @@ def obs_waits(path: str) -> str:
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.05)
     return "done"
+
+
+@lc.task(name="obs_retries", shared=False, retries=1)
+async def obs_retries(ctx: JobContext) -> int:
+    """Asks for one retry, then succeeds: its two attempts must share one trace."""
+    if ctx.attempt == 1:
+        raise Retry(delay=0)
+    return ctx.attempt

@@ -110,7 +110,9 @@ def test_a_trace_continues_into_a_prefork_worker_whose_metrics_are_summed(
         tracer = TracerProvider().get_tracer("client")
         with tracer.start_as_current_span("web request", kind=SpanKind.PRODUCER) as producer:
             result = app.obs_traced.delay(n=5)
+            retried = app.obs_retries.delay()
         assert result.get(timeout=120) == "5:conn"
+        assert retried.get(timeout=120) == 2
         # Two tasks in flight, one per child, scraped from the main process.
         release = tmp_path / "release"
         waiting = [app.obs_waits.delay(path=str(release)) for _ in range(2)]
@@ -149,3 +151,11 @@ def test_a_trace_continues_into_a_prefork_worker_whose_metrics_are_summed(
     assert attempt["attributes"]["lifecycle.job.outcome"] == "succeeded"
     children = {span["name"] for span in spans if span["parent_id"] == attempt["span_id"]}
     assert children == {"setup connection", "teardown connection"}
+    # A Celery retry is republished by Celery; both attempts continue the producer's trace.
+    attempts = sorted(
+        (span for span in spans if span["name"] == "job obs_retries"),
+        key=lambda span: span["attributes"]["lifecycle.job.attempt"],
+    )
+    assert [span["attributes"]["lifecycle.job.outcome"] for span in attempts] == ["retry", "succeeded"]
+    assert {span["trace_id"] for span in attempts} == {f"{context.trace_id:032x}"}
+    assert {span["parent_id"] for span in attempts} == {f"{context.span_id:016x}"}
