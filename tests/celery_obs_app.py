@@ -1,5 +1,6 @@
 """A Celery app for tests/test_observability_celery.py: traced with the OpenTelemetry SDK
-(each finished span appended as a JSON line to the file named by $SPANS) and serving
+when $OBS_WORKER is set (each finished span appended as a JSON line to the file named by
+$SPANS) and serving
 Prometheus metrics on $METRICS_PORT from the worker's main process (multiprocess mode
 under prefork: $PROMETHEUS_MULTIPROC_DIR)."""
 
@@ -45,9 +46,12 @@ class FileExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
-provider = TracerProvider()
-provider.add_span_processor(SimpleSpanProcessor(FileExporter()))
-trace.set_tracer_provider(provider)
+if os.environ.get("OBS_WORKER"):
+    # Only in the worker: the test process imports this module too, and a global tracer
+    # provider set there would trace every later test of the session.
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(FileExporter()))
+    trace.set_tracer_provider(provider)
 
 app = Celery(
     "lifecycle_obs_tests",

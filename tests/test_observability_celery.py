@@ -87,6 +87,7 @@ def test_a_trace_continues_into_a_prefork_worker_whose_metrics_are_summed(
     queue = f"lifecycle-obs-{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
+        "OBS_WORKER": "1",
         "SPANS": str(spans_file),
         "METRICS_PORT": str(port),
         "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
@@ -96,10 +97,12 @@ def test_a_trace_continues_into_a_prefork_worker_whose_metrics_are_summed(
     }
     # The client side: the same app module, without a metrics server and with spans of its own.
     monkeypatch.setenv("LIFECYCLE_CELERY_QUEUE", queue)
-    monkeypatch.setenv("SPANS", str(tmp_path / "client-spans.jsonl"))
     monkeypatch.delenv("METRICS_PORT", raising=False)
     sys.modules.pop("celery_obs_app", None)
     import celery_obs_app as app
+    from opentelemetry import trace
+
+    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)  # untouched here
 
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "celery_obs_app", "worker", "--pool", "prefork", "-c", "2",
