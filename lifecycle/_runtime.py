@@ -25,6 +25,7 @@ from ._errors import DependencyError, JobTimeout, LifecycleError, PayloadError, 
 from ._job import Job, as_job
 from ._log import LOG, JobLog, describe, log_failure
 from ._markers import Depends
+from ._observe import MetricsSink, Observer, configured_tracer_provider
 from ._outcome import Failed, Outcome, Rejected, RetryLater, Succeeded
 from ._plan import Plan, WorkerNode
 from ._retry import RetryPolicy, Verdict
@@ -32,6 +33,8 @@ from ._watchdog import Watchdog
 from ._worker_scope import WorkerScope
 
 T = TypeVar("T")
+
+_VERSION = "0.1.0"  # the instrumentation scope's version on spans (lifecycle.__version__)
 
 # ``Runtime.run`` retries at once unless ``Retry(delay)`` asks for a wait.
 _POLICY = RetryPolicy()
@@ -108,7 +111,18 @@ class Overrides(dict[Any, Any]):
 
 
 class Runtime:
-    """Runs jobs; holds worker-scoped dependencies from ``async with`` entry to exit."""
+    """Runs jobs; holds worker-scoped dependencies from ``async with`` entry to exit.
+
+    Args:
+        dependency_overrides: ``{original: replacement}``, see ``dependency_overrides``.
+        teardown_timeout: seconds each dependency's teardown may take (None: no bound).
+        dependencies: ``Depends(...)`` run for every job, values not injected.
+        tracer_provider: an OpenTelemetry ``TracerProvider`` to trace jobs and their
+            dependencies with. None (the default): the global one, once an SDK has
+            configured it; without one, tracing is off and costs nothing.
+        metrics: where job and dependency numbers go (``lifecycle.prometheus.Metrics``);
+            None: none are recorded.
+    """
 
     def __init__(
         self,
@@ -116,6 +130,8 @@ class Runtime:
         dependency_overrides: Mapping[Any, Any] | None = None,
         teardown_timeout: float | None = 30.0,
         dependencies: Iterable[Depends] = (),
+        tracer_provider: Any | None = None,
+        metrics: MetricsSink | None = None,
     ) -> None:
         if teardown_timeout is not None and teardown_timeout <= 0:
             raise ValueError(f"teardown_timeout must be positive or None, got {teardown_timeout!r}")
@@ -134,6 +150,11 @@ class Runtime:
         # The running backend's own scope class for the per-job guard (see _engine).
         self._scope_class: Callable[[], Any] = anyio.CancelScope
         self._open = False
+        self.tracer_provider = tracer_provider
+        self.metrics = metrics
+        # None unless tracing or metrics are on (decided at entry): then plans compile
+        # with observed dependencies and every attempt is observed (see _observe).
+        self._observer: Observer | None = None
 
     # -- overrides ----------------------------------------------------------------------
     @property
@@ -174,6 +195,8 @@ class Runtime:
         return self._compiled(as_job(fn)).plan
 
     def _compiled(self, job: Job[..., Any]) -> Runners:
+        if self._observer is not None:
+            return self._observed(job)
         if not self._overrides and not self.dependencies and job.error is None:
             return job.runners  # compiled at decoration; nothing here changes it
         version = self._overrides.version
@@ -184,6 +207,17 @@ class Runtime:
         self._runners[job] = (version, runners)
         return runners
 
+    def _observed(self, job: Job[..., Any]) -> Runners:
+        observer = self._observer
+        assert observer is not None
+        version = self._overrides.version
+        cached = self._runners.get(job)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        runners = job.compile(self.dependencies, observer.overrides(self._overrides))
+        self._runners[job] = (version, runners)
+        return runners
+
     # -- lifetime -----------------------------------------------------------------------
     async def __aenter__(self) -> Runtime:
         if self._open:
@@ -191,6 +225,7 @@ class Runtime:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._scope_class = _native_scope_class()
+        self._observe()
         self._scope = WorkerScope(self.teardown_timeout)
         self._scope.attach(self._task_group)
         if self.teardown_timeout is not None:
@@ -199,6 +234,16 @@ class Runtime:
             self._task_group.start_soon(self._run_watchdog, self._watchdog, self._watchdog_scope)
         self._open = True
         return self
+
+    def _observe(self) -> None:
+        """Decide, at entry, whether this runtime traces and measures: an explicit
+        tracer provider, or the global one once an SDK configured it; ``metrics``."""
+        provider = self.tracer_provider if self.tracer_provider is not None else configured_tracer_provider()
+        tracer = provider.get_tracer("lifecycle", _VERSION) if provider is not None else None
+        observer = Observer(tracer, self.metrics) if tracer is not None or self.metrics is not None else None
+        if (observer is None) != (self._observer is None):
+            self._runners.clear()  # compiled for the other mode
+        self._observer = observer
 
     @staticmethod
     async def _run_watchdog(watchdog: Watchdog, scope: anyio.CancelScope) -> None:
@@ -393,12 +438,38 @@ class Runtime:
         if runners.plan.needs_context:
             ctx = JobContext(job_id, job.name, attempt, MappingProxyType(payload))
             ctx._log = log
+        if self._observer is not None:
+            with self._observer.attempt(job.name, job_id, attempt):
+                return await self._execute(job, runners, payload, extras, ctx, log, attempt)
         started = time.perf_counter() if log.info_enabled else 0.0
         if log.debug_enabled:
             log.debug("job.started")
             runner = runners.traced  # with a debug event per dependency
         else:
             runner = runners.run
+        if job.timeout is None:
+            result = await runner(payload, extras, ctx, self, log)
+        else:
+            result = await _run_with_timeout(job, runner, payload, extras, ctx, self, log, attempt)
+        if log.info_enabled:
+            log.info("job.succeeded", duration_ms=round((time.perf_counter() - started) * 1000, 3))
+        return result
+
+    async def _execute(
+        self,
+        job: Job[..., Any],
+        runners: Runners,
+        payload: dict[str, Any],
+        extras: dict[str, Any] | None,
+        ctx: JobContext | None,
+        log: JobLog,
+        attempt: int,
+    ) -> Any:
+        """The rest of ``_attempt``, for an observed attempt (the plain path stays inline)."""
+        started = time.perf_counter() if log.info_enabled else 0.0
+        if log.debug_enabled:
+            log.debug("job.started")
+        runner = runners.traced if log.debug_enabled else runners.run
         if job.timeout is None:
             result = await runner(payload, extras, ctx, self, log)
         else:

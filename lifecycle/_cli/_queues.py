@@ -68,6 +68,27 @@ _QUEUE_HELP = (
     show_default=True,
     help="A message handed out more often (its workers died) is dead-lettered as poison.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    metavar="PORT",
+    help="Serve Prometheus metrics at http://ADDRESS:PORT/metrics (needs the prometheus extra).",
+)
+@click.option(
+    "--health-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    metavar="PORT",
+    help="Serve /livez and /readyz health probes on this port.",
+)
+@click.option(
+    "--listen-address",
+    default="0.0.0.0",
+    show_default=True,
+    metavar="ADDRESS",
+    help="The address the metrics and health servers listen on.",
+)
 @with_globals
 @click.pass_context
 def worker_command(
@@ -79,6 +100,9 @@ def worker_command(
     shutdown_grace: float,
     poll_interval: float,
     max_deliveries: int,
+    metrics_port: int | None,
+    health_port: int | None,
+    listen_address: str,
     **given: Any,
 ) -> None:
     """Consume the queue at URL, running every job in TARGET (or only TARGET:job),
@@ -87,6 +111,7 @@ def worker_command(
     \b
       lifecycle worker jobs.py --queue sqlite:///jobs.db --concurrency 32
       lifecycle worker jobs.py:send_email --queue redis://127.0.0.1:6379/0?stream=emails
+      lifecycle worker jobs.py --queue sqlite:///jobs.db --metrics-port 9000 --health-port 8080
     """
     config = settings(ctx, **given)
     queue = _queue(url)
@@ -110,8 +135,12 @@ def worker_command(
             shutdown_grace=shutdown_grace,
             poll_interval=poll_interval,
             max_deliveries=max_deliveries,
+            metrics_port=metrics_port,
+            metrics_address=listen_address,
+            health_port=health_port,
+            health_address=listen_address,
         )
-    except LifecycleError as exc:
+    except (LifecycleError, ImportError) as exc:
         raise click.UsageError(redact(str(exc))) from None
     ctx.exit(anyio.run(_serve, worker, queue, backend=config["backend"]))
 
