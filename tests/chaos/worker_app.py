@@ -1,15 +1,20 @@
-"""A worker process for the chaos tests: ``python tests/chaos/worker_app.py URL STREAM``.
+"""A worker process for the chaos tests: ``python tests/chaos/worker_app.py URL NAME``.
 
-It runs ``lifecycle``'s Worker on a RedisStreamQueue with the library's defaults
-(heartbeats included), configured only through the environment:
+It runs ``lifecycle``'s Worker with the library's defaults (heartbeats included) on the
+queue the URL's scheme names: a RedisStreamQueue on stream NAME (``redis://``), a
+PostgresQueue on table NAME (``postgresql://``), a RabbitQueue on queue NAME
+(``amqp://``) or a NatsQueue on stream NAME (``nats://``). It is configured only
+through the environment:
 
 - ``RECORD_DIR``: where each job appends one line per execution, to ``<pid>.log``;
-- ``CLAIM_IDLE`` (seconds, default 2), ``CONCURRENCY`` (default 16),
-  ``POLL_INTERVAL`` (seconds, default 0.5).
+- ``CLAIM_IDLE`` (seconds, default 2): the lease (Redis's ``claim_idle``, the other
+  backends' ``lease``); ``CONCURRENCY`` (default 16), ``POLL_INTERVAL`` (seconds,
+  default 0.5); ``BROKER_BACKOFF_MAX`` (seconds, default the Worker's): the cap on the
+  wait between attempts to reach a broker that is down.
 
-Why executions are counted in a local file and not in Redis: the chaos tests kill -9
-the Redis server, and without appendonly that loses whatever the jobs wrote there, so
-counts kept in Redis could not tell "ran once" from "ran twice, one count lost". A line
+Why executions are counted in a local file and not in the broker: the chaos tests kill
+-9 the broker, and (Redis without appendonly) that can lose whatever the jobs wrote
+there, so counts kept in the broker could not tell "ran once" from "ran twice, one count lost". A line
 written with ``os.write`` to an ``O_APPEND`` descriptor is in the kernel as soon as the
 call returns: it survives a SIGKILL of this process (the other fault injected here)
 and lines from one process never interleave. fsync would only protect against the
@@ -33,7 +38,7 @@ import anyio
 import structlog
 
 from lifecycle import Depends, Reject, Worker, dependency, job
-from lifecycle.queues import RedisStreamQueue
+from lifecycle.queues import Queue, RedisStreamQueue, queue_from_url
 
 
 class Recorder:
@@ -82,6 +87,21 @@ def _keep(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableM
     raise structlog.DropEvent
 
 
+def make_queue(url: str, name: str) -> Queue:
+    """The queue named ``name`` on the broker ``url`` names, its lease from CLAIM_IDLE."""
+    lease = float(os.environ.get("CLAIM_IDLE", "2"))
+    scheme = url.partition("://")[0]
+    if scheme == "redis":
+        return RedisStreamQueue(url, stream=name, group="workers", claim_idle=lease)
+    if scheme == "postgresql":
+        return queue_from_url(url, table=name, lease=lease, poll_interval=0.2, pool_size=4)
+    if scheme == "amqp":
+        return queue_from_url(url, queue=name, lease=lease)
+    if scheme == "nats":
+        return queue_from_url(url, stream=name, subject=f"chaos.{name}", lease=lease)
+    raise SystemExit(f"worker_app.py: no queue for the scheme of {url!r}")
+
+
 async def main(url: str, stream: str) -> None:
     structlog.configure(
         processors=[
@@ -93,12 +113,17 @@ async def main(url: str, stream: str) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
     )
-    queue = RedisStreamQueue(url, stream=stream, group="workers", claim_idle=float(os.environ.get("CLAIM_IDLE", "2")))
+    queue = make_queue(url, stream)
     worker = Worker(
         queue,
         [count, long, poison],
         concurrency=int(os.environ.get("CONCURRENCY", "16")),
         poll_interval=float(os.environ.get("POLL_INTERVAL", "0.5")),
+        **(
+            {"broker_backoff_max": float(os.environ["BROKER_BACKOFF_MAX"])}
+            if "BROKER_BACKOFF_MAX" in os.environ
+            else {}
+        ),
     )
     async with anyio.create_task_group() as tg:
 
