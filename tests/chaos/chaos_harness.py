@@ -4,7 +4,7 @@ processes of any queue backend that can be killed and respawned, and the counts 
 tests assert on.
 
 Everything here is synchronous: the test process only injects faults and polls, while
-the workers under test run in their own processes (``worker_app.py``)."""
+the workers under test run in their own processes (``tests/queue_worker_app.py``)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import pytest
 import redis
 
-APP = Path(__file__).with_name("worker_app.py")
+APP = Path(__file__).parent.parent / "queue_worker_app.py"
 GROUP = "workers"
 RESULTS_ENV = "LIFECYCLE_CHAOS_RESULTS"  # a file to append each scenario's figures to (JSON lines)
 
@@ -157,7 +157,7 @@ class RedisServer:
 
 @dataclass
 class WorkerPool:
-    """Worker processes (``worker_app.py``) on one stream (or table, or queue: the
+    """Worker processes (``tests/queue_worker_app.py``) on one stream (or table, or queue: the
     backend is the server URL's scheme), each logging to its own file."""
 
     server: Server

@@ -1,10 +1,10 @@
-"""A worker process for the chaos tests: ``python tests/chaos/worker_app.py URL NAME``.
+"""A worker process for the multi-process queue tests (``tests/test_queue_workers.py``)
+and the chaos tests: ``python tests/queue_worker_app.py URL NAME``.
 
 It runs ``lifecycle``'s Worker with the library's defaults (heartbeats included) on the
-queue the URL's scheme names: a RedisStreamQueue on stream NAME (``redis://``), a
-PostgresQueue on table NAME (``postgresql://``), a RabbitQueue on queue NAME
-(``amqp://``) or a NatsQueue on stream NAME (``nats://``). It is configured only
-through the environment:
+queue NAME of the broker the URL's scheme names (``broker_probes.make_queue``: Redis,
+PostgreSQL, RabbitMQ, NATS JetStream or SQLite). It is configured only through the
+environment:
 
 - ``RECORD_DIR``: where each job appends one line per execution, to ``<pid>.log``;
 - ``CLAIM_IDLE`` (seconds, default 2): the lease (Redis's ``claim_idle``, the other
@@ -36,9 +36,9 @@ from typing import Annotated, Any
 
 import anyio
 import structlog
+from broker_probes import make_queue
 
 from lifecycle import Depends, Reject, Worker, dependency, job
-from lifecycle.queues import Queue, RedisStreamQueue, queue_from_url
 
 
 class Recorder:
@@ -85,21 +85,6 @@ def _keep(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableM
     if event.get("level") in ("warning", "error", "critical") or str(event.get("event", "")).startswith("worker."):
         return event
     raise structlog.DropEvent
-
-
-def make_queue(url: str, name: str) -> Queue:
-    """The queue named ``name`` on the broker ``url`` names, its lease from CLAIM_IDLE."""
-    lease = float(os.environ.get("CLAIM_IDLE", "2"))
-    scheme = url.partition("://")[0]
-    if scheme == "redis":
-        return RedisStreamQueue(url, stream=name, group="workers", claim_idle=lease)
-    if scheme == "postgresql":
-        return queue_from_url(url, table=name, lease=lease, poll_interval=0.2, pool_size=4)
-    if scheme == "amqp":
-        return queue_from_url(url, queue=name, lease=lease)
-    if scheme == "nats":
-        return queue_from_url(url, stream=name, subject=f"chaos.{name}", lease=lease)
-    raise SystemExit(f"worker_app.py: no queue for the scheme of {url!r}")
 
 
 async def main(url: str, stream: str) -> None:
