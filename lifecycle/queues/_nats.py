@@ -40,8 +40,15 @@ lease clock per delivery. Invariants:
 - ``max_deliver`` (None: unlimited): the server's ``MaxDeliver`` is one more, so that
   the delivery past the limit reaches ``receive``, which dead-letters it (reason
   ``max_deliver``) instead of leaving it in the stream for ever.
+- A server killed -9 can come back with messages its consumer had acknowledged still
+  in the work stream (its deletions were not on disk, the consumer's ack floor was):
+  they would never be delivered, and never leave. Every (re)connection, and every
+  ``_SWEEP_EVERY`` seconds of a ``receive`` that found nothing, purges the streams
+  below their consumer's ack floor, where every message was acknowledged.
 - Transient failures (connection lost, timeout, no responders) raise
-  ``BrokerUnavailable``; nats-py reconnects by itself and keeps the subscriptions."""
+  ``BrokerUnavailable``; nats-py reconnects by itself and keeps the subscriptions
+  (after a reconnection the streams and consumers are checked again: the server may
+  have restarted without them)."""
 
 from __future__ import annotations
 
