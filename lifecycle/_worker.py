@@ -498,6 +498,8 @@ class Worker:
         }
         if isinstance(error, PayloadError) and error.errors:
             record["errors"] = error.errors  # each problem with its location, as data
+        if delivery.headers:
+            record["headers"] = delivery.headers  # so a replay carries them (its trace context) again
         LOG.error(
             "job.dead_lettered",
             job=delivery.job,

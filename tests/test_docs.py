@@ -32,7 +32,7 @@ _PRINTS = {
 
 # Event names as the code spells them: LOG.info("worker.started", ...), or an
 # {"event": "cli.batch_summary"} object. The docs' event table spells them as `noun.verb`.
-_EVENT_IN_CODE = re.compile(r"""["'](?P<name>(?:job|dependency|worker|queue|celery|cli)\.[a-z_]+)["']""")
+_EVENT_IN_CODE = re.compile(r"""["'](?P<name>(?:job|dependency|worker|queue|celery|dramatiq|cli)\.[a-z_]+)["']""")
 _EVENT_IN_TABLE = re.compile(r"^\| `(?P<name>[a-z]+\.[a-z_]+)` \|", re.MULTILINE)
 
 

@@ -145,6 +145,53 @@ async def test_dead_letters_newest_first_with_paging_replay_and_purge(harness: H
     assert await queue.purge() == 0
 
 
+HEADERS = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "tenant": "ünïcode, \"quoted\"\n"}
+
+
+async def test_headers_travel_with_the_message_through_every_settle(harness: Harness) -> None:
+    """What ``enqueue(headers=)`` gave comes back as ``Delivery.headers``: now and
+    delayed, after a retry (now and delayed), a release, and a dead letter's replay."""
+    queue = harness.queue
+    await queue.enqueue("send_email", {"user_id": 1}, headers=HEADERS)
+    await queue.enqueue("send_email", {"user_id": 2}, headers=HEADERS, delay=0.5)
+    await queue.enqueue("send_email", {"user_id": 3})
+    got = sorted(await collect(queue, 3), key=lambda d: d.payload["user_id"])
+    assert [d.headers for d in got] == [HEADERS, HEADERS, {}]
+    first, _, plain = got
+    await queue.ack(plain)
+    await queue.retry(got[1], 0.5, "ValueError: later")
+    await queue.retry(first, 0, "ValueError: now")
+    got = sorted(await collect(queue, 2), key=lambda d: d.payload["user_id"])
+    assert [(d.attempt, d.headers) for d in got] == [(2, HEADERS), (2, HEADERS)]
+    await queue.ack(got[1])
+    await queue.release(got[0])
+    [released] = await collect(queue, 1)
+    assert (released.attempt, released.headers) == (2, HEADERS)
+    record = {"job": released.job, "payload": released.payload, "reason": "failed", "headers": released.headers}
+    await queue.dead_letter(released, record)
+    [dead] = await queue.dead_letters(1)
+    assert dead["headers"] == HEADERS
+    assert await queue.replay([dead["dead_letter_id"]]) == 1
+    [replayed] = await collect(queue, 1)
+    assert (replayed.attempt, replayed.headers) == (1, HEADERS)
+    await queue.ack(replayed)
+
+
+@pytest.mark.parametrize(
+    ("headers", "match"),
+    [
+        ({"traceparent": 3}, "header 'traceparent' must be a string"),
+        ({"": "x"}, "header names must be non-empty strings"),
+        ({"big": "x" * 20_000}, "headers are over the limit"),
+    ],
+)
+async def test_enqueue_refuses_bad_headers(harness: Harness, headers: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match) as caught:
+        await harness.queue.enqueue("send_email", {"user_id": 1}, headers=headers)  # type: ignore[arg-type]
+    assert "send_email" in str(caught.value)
+    assert await nothing_ready(harness.queue)  # nothing entered the broker
+
+
 async def test_release_keeps_the_attempt_and_counts_no_delivery(harness: Harness) -> None:
     queue = harness.queue
     await queue.enqueue("send_email", {"user_id": 5}, attempt=3)

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 MAX_PAYLOAD_BYTES = 1 << 20  # a payload larger than this is malformed: 1 MiB of JSON
 MAX_PAYLOAD_DEPTH = 64  # nesting deeper than this is malformed (json recurses per level)
+MAX_HEADERS_BYTES = 16 << 10  # headers are metadata (trace context, tags), not a second payload
 
 
 class BrokerUnavailable(LifecycleError):
@@ -64,6 +65,8 @@ class Delivery:
         enqueued_at: when it was first enqueued, in seconds since the epoch.
         raw: the backend's own handle (the raw fields, say).
         malformed: why the message could not be decoded, or None for a good one.
+        headers: the string headers given to ``enqueue`` (trace context, say), kept
+            through retries, releases and replays; empty when none were given.
     """
 
     id: str
@@ -74,6 +77,7 @@ class Delivery:
     enqueued_at: float = 0.0
     raw: Any = field(default=None, repr=False)
     malformed: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class Queue(Protocol):
@@ -95,6 +99,7 @@ class Queue(Protocol):
         delay: float | None = None,
         at: float | None = None,
         attempt: int = 1,
+        headers: Mapping[str, str] | None = None,
     ) -> str:
         """Add a message; return its id.
 
@@ -106,6 +111,9 @@ class Queue(Protocol):
             delay: seconds from now; None or <= 0 means now. Not with ``at``.
             at: when to run it, in seconds since the epoch. Not with ``delay``.
             attempt: the attempt number the message carries (1-based).
+            headers: string metadata carried with the message and handed back as
+                ``Delivery.headers`` (a W3C ``traceparent``, say); at most
+                ``MAX_HEADERS_BYTES`` of JSON. Not validated against the job.
         """
         ...
 
@@ -255,6 +263,51 @@ def check_enqueue(job: str | Job[..., Any], delay: float | None, at: float | Non
         raise ValueError(f"enqueue of {job!r}: give delay or at, not both (delay={delay!r}, at={at!r})")
     if attempt < 1:
         raise ValueError(f"enqueue of {job!r}: attempt must be >= 1, got {attempt!r}")
+
+
+def encode_headers(job: str | Job[..., Any], headers: Mapping[str, str] | None) -> str | None:
+    """JSON text of ``enqueue``'s headers, or None for none. A header that is not a
+    string, an empty name, or more than ``MAX_HEADERS_BYTES`` in all is a ``ValueError``
+    naming the job and the header, at the producer."""
+    if not headers:
+        return None
+    for name, value in headers.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"enqueue of {job!r}: header names must be non-empty strings, got {name!r}")
+        if not isinstance(value, str):
+            raise ValueError(f"enqueue of {job!r}: header {name!r} must be a string, got {type(value).__name__}")
+    text = json.dumps(dict(headers), separators=(",", ":"))
+    if len(text.encode("utf-8")) > MAX_HEADERS_BYTES:
+        raise ValueError(f"enqueue of {job!r}: headers are over the limit of {MAX_HEADERS_BYTES} bytes")
+    return text
+
+
+def decode_headers(raw: bytes | str | None) -> dict[str, str]:
+    """Headers from the broker (what ``encode_headers`` wrote; None or empty: none);
+    anything but a JSON object of strings within ``MAX_HEADERS_BYTES`` raises
+    ``MalformedMessage``."""
+    if not raw:
+        return {}
+    if len(raw) > MAX_HEADERS_BYTES:
+        raise MalformedMessage(f"headers are {len(raw)} bytes, over the limit of {MAX_HEADERS_BYTES}")
+    try:
+        loaded = json.loads(raw)
+    except (ValueError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
+        raise MalformedMessage(f"headers are not JSON: {type(exc).__name__}: {exc}") from None
+    if not isinstance(loaded, dict) or not all(
+        isinstance(name, str) and isinstance(value, str) for name, value in loaded.items()
+    ):
+        raise MalformedMessage("headers are not a JSON object of strings")
+    return loaded
+
+
+def record_headers(record: Mapping[str, Any]) -> dict[str, str] | None:
+    """The headers a dead letter's record kept (the worker stores ``Delivery.headers``
+    there), for ``replay``; None when it has none, or none that are strings."""
+    headers = record.get("headers")
+    if isinstance(headers, dict) and all(isinstance(k, str) and k and isinstance(v, str) for k, v in headers.items()):
+        return headers or None
+    return None
 
 
 def job_name(job: str | Job[..., Any], payload: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:

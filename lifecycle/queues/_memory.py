@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._base import Delivery, encode_payload, job_name
+from ._base import Delivery, encode_headers, encode_payload, job_name
 
 if TYPE_CHECKING:
     from .._job import Job
@@ -69,9 +69,10 @@ class MemoryQueue:
         delay: float | None = None,
         at: float | None = None,
         attempt: int = 1,
+        headers: Mapping[str, str] | None = None,
     ) -> str:
         """See ``Queue.enqueue``."""
-        return self.enqueue_nowait(job, payload, delay=delay, at=at, attempt=attempt)
+        return self.enqueue_nowait(job, payload, delay=delay, at=at, attempt=attempt, headers=headers)
 
     def enqueue_nowait(
         self,
@@ -81,6 +82,7 @@ class MemoryQueue:
         delay: float | None = None,
         at: float | None = None,
         attempt: int = 1,
+        headers: Mapping[str, str] | None = None,
     ) -> str:
         """``enqueue`` from sync code (a module filling a queue at import, a test); the
         arguments are those of ``Queue.enqueue``."""
@@ -88,7 +90,10 @@ class MemoryQueue:
             raise ValueError("give delay or at, not both")
         name, body = job_name(job, payload)
         body = json.loads(encode_payload(body))
+        text = encode_headers(name, headers)  # the same checks as a broker's, kept as a copy
         delivery = Delivery(str(next(self._ids)), name, body, attempt, 0, time.time())
+        if text is not None:
+            delivery.headers = json.loads(text)
         if at is not None:
             delay = at - time.time()
         self._schedule(delivery, delay)
@@ -211,7 +216,7 @@ class MemoryQueue:
             if record is None or record.get("reason") == "malformed" or not isinstance(record.get("payload"), dict):
                 continue
             del self._dead[dead_id]
-            self.enqueue_nowait(record["job"], record["payload"])
+            self.enqueue_nowait(record["job"], record["payload"], headers=record.get("headers"))
             replayed += 1
         return replayed
 

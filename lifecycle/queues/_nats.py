@@ -73,10 +73,13 @@ from ._base import (
     Delivery,
     MalformedMessage,
     check_enqueue,
+    decode_headers,
     decode_payload,
+    encode_headers,
     encode_payload,
     import_client,
     job_name,
+    record_headers,
     require_asyncio,
 )
 from ._url import _options
@@ -94,6 +97,7 @@ ATTEMPT = "Lifecycle-Attempt"
 ENQUEUED_AT = "Lifecycle-Enqueued-At"
 NOT_BEFORE = "Lifecycle-Not-Before"
 LAST_ERROR = "Lifecycle-Last-Error"
+HEADERS = "Lifecycle-Headers"  # the enqueue's own headers, as one JSON text (no newline can occur in it)
 MSG_ID = "Nats-Msg-Id"
 _MAX_WAIT = 1.0  # seconds; a pull request never lingers longer (due delayed ones are moved meanwhile)
 _PROMOTE_EVERY = 0.1  # seconds between passes over the delayed stream
@@ -130,8 +134,9 @@ def decode_message(message_id: str, headers: Mapping[str, str] | None, body: byt
         body: its body, the payload's JSON.
         deliveries: the server's ``num_delivered``.
     Required: the ``Lifecycle-Job`` header (non-empty) and a body ``decode_payload``
-    accepts; optional: ``Lifecycle-Attempt`` (a positive integer, default 1) and
-    ``Lifecycle-Enqueued-At`` (finite, non-negative epoch seconds, default 0)."""
+    accepts; optional: ``Lifecycle-Attempt`` (a positive integer, default 1),
+    ``Lifecycle-Enqueued-At`` (finite, non-negative epoch seconds, default 0) and
+    ``Lifecycle-Headers`` (see ``decode_headers``)."""
     fields = dict(headers or {})
 
     def bad(why: str) -> Delivery:
@@ -154,7 +159,11 @@ def decode_message(message_id: str, headers: Mapping[str, str] | None, body: byt
         payload = decode_payload(body)
     except MalformedMessage as exc:
         return bad(f"payload: {exc}")
-    return Delivery(message_id, name, payload, int(attempt_raw), deliveries, enqueued_at)
+    try:
+        decoded_headers = decode_headers(fields.get(HEADERS))
+    except MalformedMessage as exc:
+        return bad(f"{HEADERS}: {exc}")
+    return Delivery(message_id, name, payload, int(attempt_raw), deliveries, enqueued_at, headers=decoded_headers)
 
 
 class _Puller:
@@ -527,6 +536,7 @@ class NatsQueue:
         delay: float | None = None,
         at: float | None = None,
         attempt: int = 1,
+        headers: Mapping[str, str] | None = None,
         message_id: str | None = None,
     ) -> str:
         """Publish a message; returns its stream sequence (``delayed:<sequence>`` for a
@@ -541,6 +551,7 @@ class NatsQueue:
             delay: seconds from now; None or <= 0 means now. Not with ``at``.
             at: when to run it, in seconds since the epoch (a past time means now).
             attempt: the attempt number the message carries (>= 1).
+            headers: string metadata handed back as ``Delivery.headers``.
             message_id: the ``Nats-Msg-Id`` for de-duplication (a producer that retries
                 a publish whose answer it lost passes the same one); default a new
                 random id.
@@ -548,16 +559,19 @@ class NatsQueue:
         check_enqueue(job, delay, at, attempt)
         name, args = job_name(job, payload)
         body = encode_payload(args).encode()
+        header_text = encode_headers(name, headers)
         now = time.time()
         due = now + delay if delay is not None else at
-        headers = {JOB: name, ATTEMPT: str(attempt), ENQUEUED_AT: repr(now), MSG_ID: message_id or uuid.uuid4().hex}
+        fields = {JOB: name, ATTEMPT: str(attempt), ENQUEUED_AT: repr(now), MSG_ID: message_id or uuid.uuid4().hex}
+        if header_text is not None:
+            fields[HEADERS] = header_text
         with self._errors(f"enqueue of job {name!r}"):
             _, js = await self._ensure_streams()
             if due is not None and due > now:
-                headers[NOT_BEFORE] = repr(due)
-                ack = await js.publish(self.delayed_subject, body, stream=self.delayed_stream, headers=headers)
+                fields[NOT_BEFORE] = repr(due)
+                ack = await js.publish(self.delayed_subject, body, stream=self.delayed_stream, headers=fields)
                 return f"delayed:{ack.seq}"
-            ack = await js.publish(self.subject, body, stream=self.stream, headers=headers)
+            ack = await js.publish(self.subject, body, stream=self.stream, headers=fields)
             return str(ack.seq)
 
     # -- consuming ----------------------------------------------------------------------
@@ -718,6 +732,9 @@ class NatsQueue:
             LAST_ERROR: " ".join(error.split())[:500],
             MSG_ID: self._dedupe_id("retry", delivery),
         }
+        header_text = encode_headers(delivery.job, delivery.headers)
+        if header_text is not None:
+            headers[HEADERS] = header_text
         body = self._body(delivery)
         if delay > 0:
             headers[NOT_BEFORE] = repr(time.time() + delay)
@@ -854,6 +871,9 @@ class NatsQueue:
                     ENQUEUED_AT: repr(time.time()),
                     MSG_ID: f"replay:{self.dead_letter_stream}:{dead_id}",
                 }
+                header_text = encode_headers(job, record_headers(record))
+                if header_text is not None:
+                    headers[HEADERS] = header_text
                 await js.publish(self.subject, encode_payload(payload).encode(), stream=self.stream, headers=headers)
                 try:
                     await js.delete_msg(self.dead_letter_stream, int(dead_id))

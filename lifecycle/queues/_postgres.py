@@ -67,10 +67,13 @@ from ._base import (
     MalformedMessage,
     check_enqueue,
     dead_record_from_row,
+    decode_headers,
     decode_payload,
+    encode_headers,
     encode_payload,
     import_client,
     job_name,
+    record_headers,
     require_asyncio,
 )
 from ._url import _options
@@ -101,7 +104,8 @@ def _schema(table: str) -> list[str]:
         f"id bigint PRIMARY KEY DEFAULT nextval('\"{table}_seq\"'), "
         "job text NOT NULL, payload bytea NOT NULL, attempt bigint NOT NULL DEFAULT 1, "
         "deliveries integer NOT NULL DEFAULT 0, enqueued_at float8 NOT NULL, run_at float8 NOT NULL, "
-        "owner text, token bigint, lease_until float8, last_error text)",
+        "owner text, token bigint, lease_until float8, last_error text, headers text)",
+        f"ALTER TABLE {q} ADD COLUMN IF NOT EXISTS headers text",  # a table made before headers existed
         f'CREATE INDEX IF NOT EXISTS "{table}_ready" ON {q} (run_at, id) WHERE owner IS NULL',
         f'CREATE INDEX IF NOT EXISTS "{table}_leased" ON {q} (lease_until) WHERE owner IS NOT NULL',
         f'CREATE TABLE IF NOT EXISTS "{table}_dead" (id bigserial PRIMARY KEY, record text NOT NULL, '
@@ -139,7 +143,7 @@ class _Handle:
 
 
 def decode_row(row: Sequence[Any], token: int) -> Delivery:
-    """A claimed row (``id, job, payload, attempt, deliveries, enqueued_at``) as a
+    """A claimed row (``id, job, payload, attempt, deliveries, enqueued_at, headers``) as a
     ``Delivery``; one that does not decode is returned with ``malformed`` set
     (``"<column>: <why>"``) and its columns kept in ``raw``.
 
@@ -147,7 +151,7 @@ def decode_row(row: Sequence[Any], token: int) -> Delivery:
         row: the values as asyncpg returned them (the payload as bytes).
         token: the claim token that handed the row out.
     """
-    message_id, job, payload, attempt, deliveries, enqueued_at = row
+    message_id, job, payload, attempt, deliveries, enqueued_at, headers = row
     handle = _Handle(token, dict(zip(RAW_COLUMNS, (job, payload, attempt, enqueued_at), strict=True)))
     count = deliveries if isinstance(deliveries, int) and deliveries >= 1 else 1
 
@@ -164,7 +168,11 @@ def decode_row(row: Sequence[Any], token: int) -> Delivery:
         body = decode_payload(bytes(payload))
     except MalformedMessage as exc:
         return bad(f"payload: {exc}")
-    return Delivery(str(message_id), job, body, attempt, count, enqueued_at, raw=handle)
+    try:
+        decoded_headers = decode_headers(headers)
+    except MalformedMessage as exc:
+        return bad(f"headers: {exc}")
+    return Delivery(str(message_id), job, body, attempt, count, enqueued_at, raw=handle, headers=decoded_headers)
 
 
 def _dsn_secrets(dsn: str) -> list[str]:
@@ -391,6 +399,7 @@ class PostgresQueue:
         delay: float | None = None,
         at: float | None = None,
         attempt: int = 1,
+        headers: Mapping[str, str] | None = None,
     ) -> str:
         """Add a message (and NOTIFY the listening consumers if it is due now); returns
         its id.
@@ -404,11 +413,13 @@ class PostgresQueue:
                 with ``at``.
             at: when to run it, in seconds since the epoch (a past time means now).
             attempt: the attempt number the message carries (>= 1).
+            headers: string metadata handed back as ``Delivery.headers``.
         """
         check_enqueue(job, delay, at, attempt)
         name, args = job_name(job, payload)
         body = encode_payload(args).encode("utf-8")
-        ids = await self._insert(f"enqueue of job {name!r}", [(name, body)], delay, at, attempt)
+        header_text = encode_headers(name, headers)
+        ids = await self._insert(f"enqueue of job {name!r}", [(name, body)], delay, at, attempt, header_text)
         return ids[0]
 
     async def enqueue_many(self, job: str | Job[..., Any], payloads: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -424,14 +435,20 @@ class PostgresQueue:
             rows.append((name, encode_payload(args).encode("utf-8")))
         if not rows:
             return []
-        return await self._insert(f"enqueue of {len(rows)} message(s)", rows, None, None, 1)
+        return await self._insert(f"enqueue of {len(rows)} message(s)", rows, None, None, 1, None)
 
     async def _insert(
-        self, op: str, rows: list[tuple[str, bytes]], delay: float | None, at: float | None, attempt: int
+        self,
+        op: str,
+        rows: list[tuple[str, bytes]],
+        delay: float | None,
+        at: float | None,
+        attempt: int,
+        headers: str | None,
     ) -> list[str]:
         statement = (
-            f'WITH m AS (INSERT INTO "{self.table}" (job, payload, attempt, enqueued_at, run_at) '
-            f"SELECT j, p, $3, {_NOW}, COALESCE($5::float8, {_NOW} + $4) "
+            f'WITH m AS (INSERT INTO "{self.table}" (job, payload, attempt, enqueued_at, run_at, headers) '
+            f"SELECT j, p, $3, {_NOW}, COALESCE($5::float8, {_NOW} + $4), $7::text "
             f"FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(j, p, n) ORDER BY n "
             f"RETURNING id, run_at <= {_NOW} AS due) "
             f"SELECT id, CASE WHEN due THEN pg_notify($6, '')::text END FROM m ORDER BY id"
@@ -439,7 +456,9 @@ class PostgresQueue:
         names = [name for name, _ in rows]
         bodies = [body for _, body in rows]
         async with self._conn(op) as conn:
-            records = await conn.fetch(statement, names, bodies, attempt, max(delay or 0.0, 0.0), at, self.channel)
+            records = await conn.fetch(
+                statement, names, bodies, attempt, max(delay or 0.0, 0.0), at, self.channel, headers
+            )
         return [str(record[0]) for record in records]
 
     # -- consuming ----------------------------------------------------------------------
@@ -454,7 +473,7 @@ class PostgresQueue:
             f"SELECT id, false FROM ready) LIMIT $3) "
             f"UPDATE {t} m SET owner = $1, token = $2, lease_until = {_NOW} + $5, deliveries = m.deliveries + 1 "
             f"FROM picked WHERE m.id = picked.id "
-            f"RETURNING m.id, m.job, m.payload, m.attempt, m.deliveries, m.enqueued_at, picked.reclaimed"
+            f"RETURNING m.id, m.job, m.payload, m.attempt, m.deliveries, m.enqueued_at, m.headers, picked.reclaimed"
         )
 
     async def _next_due(self, conn: Any) -> float | None:
@@ -517,11 +536,11 @@ class PostgresQueue:
                 async with self._conn("receive") as conn:
                     rows = await conn.fetch(statement, self.consumer, token, limit, held, self.lease)
                     due = None if rows or deadline <= time.monotonic() else await self._next_due(conn)
-                deliveries = [decode_row(tuple(row)[:6], token) for row in rows]
+                deliveries = [decode_row(tuple(row)[:7], token) for row in rows]
                 for delivery in deliveries:
                     self._held[delivery.id] = _Claim(token)
             if deliveries:
-                reclaimed = [str(row[0]) for row in rows if row[6]]
+                reclaimed = [str(row[0]) for row in rows if row[7]]
                 if reclaimed:
                     LOG.info("queue.reclaimed", table=self.table, consumer=self.consumer, ids=reclaimed)
                 deliveries.sort(key=lambda d: int(d.id))
@@ -829,10 +848,11 @@ class PostgresQueue:
                 if not isinstance(payload, dict):
                     continue
                 await conn.execute(
-                    f'INSERT INTO "{self.table}" (job, payload, attempt, enqueued_at, run_at) '
-                    f"VALUES ($1, $2, 1, {_NOW}, {_NOW})",
+                    f'INSERT INTO "{self.table}" (job, payload, attempt, enqueued_at, run_at, headers) '
+                    f"VALUES ($1, $2, 1, {_NOW}, {_NOW}, $3)",
                     job,
                     encode_payload(payload).encode("utf-8"),
+                    encode_headers(job, record_headers(record)),
                 )
                 await conn.execute(f'DELETE FROM "{self.dead_table}" WHERE id = $1', dead_id)
                 replayed += 1

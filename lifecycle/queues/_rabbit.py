@@ -63,10 +63,13 @@ from ._base import (
     Delivery,
     MalformedMessage,
     check_enqueue,
+    decode_headers,
     decode_payload,
+    encode_headers,
     encode_payload,
     import_client,
     job_name,
+    record_headers,
     require_asyncio,
 )
 from ._url import _options
@@ -153,7 +156,8 @@ def decode_message(message_id: str, headers: Mapping[str, Any], body: bytes) -> 
         message_id: the delivery's id.
         headers: the AMQP headers: ``job`` (non-empty text, required), ``attempt`` (a
             positive integer, default 1), ``enqueued_at`` (finite, non-negative epoch
-            seconds as text, default 0), ``returns`` (deliveries counted before a release), and
+            seconds as text, default 0), ``returns`` (deliveries counted before a release),
+            ``headers`` (the enqueue's headers as JSON text, see ``decode_headers``), and
             the broker's ``x-delivery-count``.
         body: the payload's JSON bytes (see ``decode_payload``).
     """
@@ -188,7 +192,14 @@ def decode_message(message_id: str, headers: Mapping[str, Any], body: bytes) -> 
         payload = decode_payload(body)
     except MalformedMessage as exc:
         return bad(f"payload: {exc}")
-    return Delivery(message_id, name, payload, attempt, deliveries, float(enqueued), raw=raw)
+    header_text = headers.get("headers")
+    if header_text is not None and _text(header_text) is None:
+        return bad(f"headers: not text: {header_text!r:.40}")
+    try:
+        decoded_headers = decode_headers(_text(header_text))
+    except MalformedMessage as exc:
+        return bad(f"headers: {exc}")
+    return Delivery(message_id, name, payload, attempt, deliveries, float(enqueued), raw=raw, headers=decoded_headers)
 
 
 @dataclass(slots=True)
@@ -447,6 +458,7 @@ class RabbitQueue:
         delay: float | None = None,
         at: float | None = None,
         attempt: int = 1,
+        headers: Mapping[str, str] | None = None,
     ) -> str:
         """Add a message (confirmed by the broker); returns its message id.
 
@@ -459,15 +471,19 @@ class RabbitQueue:
                 ``DELAY_BUCKETS``. Not with ``at``.
             at: when to run it, in seconds since the epoch (a past time means now).
             attempt: the attempt number the message carries (>= 1).
+            headers: string metadata handed back as ``Delivery.headers``.
         """
         check_enqueue(job, delay, at, attempt)
         name, args = job_name(job, payload)
         body = encode_payload(args).encode("utf-8")
+        header_text = encode_headers(name, headers)
         now = time.time()
         due = now + delay if delay is not None else at
         message_id = uuid.uuid4().hex
-        headers = {"job": name, "attempt": attempt, "enqueued_at": repr(now)}
-        await self._send(body, headers, message_id, due, f"enqueue of job {name!r}")
+        fields: dict[str, Any] = {"job": name, "attempt": attempt, "enqueued_at": repr(now)}
+        if header_text is not None:
+            fields["headers"] = header_text
+        await self._send(body, fields, message_id, due, f"enqueue of job {name!r}")
         return message_id
 
     # -- consuming ----------------------------------------------------------------------
@@ -626,6 +642,9 @@ class RabbitQueue:
             "enqueued_at": repr(delivery.enqueued_at),
             "last_error": error[:500],
         }
+        header_text = encode_headers(delivery.job, delivery.headers)
+        if header_text is not None:
+            headers["headers"] = header_text
         due = time.time() + delay if delay > 0 else None
         message_id = held.message.message_id or uuid.uuid4().hex
         await self._send(self._body(delivery), headers, message_id, due, f"retry of job {delivery.job!r}")
@@ -788,7 +807,7 @@ class RabbitQueue:
             job, payload = record.get("job"), record.get("payload")
             if not isinstance(job, str) or not job or not isinstance(payload, dict):
                 continue  # malformed: nothing to run; it stays for a human
-            await self.enqueue(job, payload)
+            await self.enqueue(job, payload, headers=record_headers(record))
             replayed.append(offset)
         if replayed:
             await self._tombstone(replayed)

@@ -64,9 +64,12 @@ from ._base import (
     Delivery,
     MalformedMessage,
     check_enqueue,
+    decode_headers,
     decode_payload,
+    encode_headers,
     encode_payload,
     job_name,
+    record_headers,
     require_asyncio,
 )
 
@@ -130,8 +133,13 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, to
 for _, member in ipairs(due) do
   local ok, m = pcall(cjson.decode, member)
   if ok and type(m) == 'table' and type(m.job) == 'string' and type(m.payload) == 'string' then
-    redis.call('XADD', KEYS[2], '*', 'job', m.job, 'payload', m.payload,
-               'attempt', tostring(m.attempt), 'enqueued_at', tostring(m.enqueued_at))
+    local f = {'job', m.job, 'payload', m.payload, 'attempt', tostring(m.attempt),
+               'enqueued_at', tostring(m.enqueued_at)}
+    if type(m.headers) == 'string' then
+      table.insert(f, 'headers')
+      table.insert(f, m.headers)
+    end
+    redis.call('XADD', KEYS[2], '*', unpack(f))
   else
     redis.call('XADD', KEYS[2], '*', 'delayed_member', member)
   end
@@ -174,10 +182,12 @@ end
 return removed
 """
 
-# KEYS: dead stream, stream. ARGV: dead letter id, job, payload, enqueued_at.
+# KEYS: dead stream, stream. ARGV: dead letter id, job, payload, enqueued_at, then the
+# headers field and its value when there are headers.
 _REPLAY = """
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return false end
-local id = redis.call('XADD', KEYS[2], '*', 'job', ARGV[2], 'payload', ARGV[3], 'attempt', '1', 'enqueued_at', ARGV[4])
+local id = redis.call('XADD', KEYS[2], '*', 'job', ARGV[2], 'payload', ARGV[3], 'attempt', '1', 'enqueued_at', ARGV[4],
+                      unpack(ARGV, 5))
 redis.call('XDEL', KEYS[1], ARGV[1])
 return id
 """
@@ -207,16 +217,24 @@ def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=False))
 
 
-def _message_fields(job: str, body: str | bytes, attempt: int, enqueued_at: float | str) -> list[Any]:
-    """A message as stream fields, flattened (the same shape _PROMOTE writes)."""
-    return ["job", job, "payload", body, "attempt", str(attempt), "enqueued_at", str(enqueued_at)]
+def _message_fields(
+    job: str, body: str | bytes, attempt: int, enqueued_at: float | str, headers: str | bytes | None = None
+) -> list[Any]:
+    """A message as stream fields, flattened (the same shape _PROMOTE writes);
+    ``headers`` is their JSON text (``encode_headers``), left out when None."""
+    fields = ["job", job, "payload", body, "attempt", str(attempt), "enqueued_at", str(enqueued_at)]
+    return fields if headers is None else [*fields, "headers", headers]
 
 
-def _delayed_member(job: str, body: str, attempt: int, enqueued_at: str, **extra: str) -> tuple[str, str]:
+def _delayed_member(
+    job: str, body: str, attempt: int, enqueued_at: str, headers: str | None = None, **extra: str
+) -> tuple[str, str]:
     """A message waiting in the delayed sorted set, and its unique id (so that two equal
     payloads are two members). Numbers travel as strings: cjson would round them."""
     uid = uuid.uuid4().hex
     member = {"job": job, "payload": body, "attempt": str(attempt), "enqueued_at": enqueued_at, "uid": uid, **extra}
+    if headers is not None:
+        member["headers"] = headers
     return json.dumps(member, ensure_ascii=False), uid
 
 
@@ -229,8 +247,8 @@ def decode_fields(message_id: str, fields: Mapping[bytes, bytes], deliveries: in
         fields: the entry's fields, as bytes.
         deliveries: the times it was delivered (XPENDING's count; 1 for a fresh read).
     Required: ``job`` (non-empty UTF-8) and ``payload`` (see ``decode_payload``);
-    optional: ``attempt`` (a positive integer, default 1) and ``enqueued_at`` (finite,
-    non-negative epoch seconds, default 0)."""
+    optional: ``attempt`` (a positive integer, default 1), ``enqueued_at`` (finite,
+    non-negative epoch seconds, default 0) and ``headers`` (see ``decode_headers``)."""
     raw = dict(fields)
 
     def bad(why: str) -> Delivery:
@@ -262,7 +280,11 @@ def decode_fields(message_id: str, fields: Mapping[bytes, bytes], deliveries: in
         payload = decode_payload(body)
     except MalformedMessage as exc:
         return bad(f"payload: {exc}")
-    return Delivery(message_id, name, payload, int(attempt_raw), deliveries, enqueued_at, raw=raw)
+    try:
+        headers = decode_headers(fields.get(b"headers"))
+    except MalformedMessage as exc:
+        return bad(f"headers: {exc}")
+    return Delivery(message_id, name, payload, int(attempt_raw), deliveries, enqueued_at, raw=raw, headers=headers)
 
 
 class RedisStreamQueue:
@@ -467,6 +489,7 @@ class RedisStreamQueue:
         delay: float | None = None,
         at: float | None = None,
         attempt: int = 1,
+        headers: Mapping[str, str] | None = None,
     ) -> str:
         """Add a message; returns its stream id, or ``delayed:<uid>`` for a later one.
 
@@ -478,19 +501,21 @@ class RedisStreamQueue:
             delay: seconds from now; None or <= 0 means now. Not with ``at``.
             at: when to run it, in seconds since the epoch (a past time means now).
             attempt: the attempt number the message carries (>= 1).
+            headers: string metadata handed back as ``Delivery.headers``.
         """
         check_enqueue(job, delay, at, attempt)
         name, args = job_name(job, payload)
         body = encode_payload(args)
+        header_text = encode_headers(name, headers)
         now = time.time()
         due = now + delay if delay is not None else at
         redis = self._client()
         with self._errors(f"enqueue of job {name!r}"):
             if due is not None and due > now:
-                member, uid = _delayed_member(name, body, attempt, repr(now))
+                member, uid = _delayed_member(name, body, attempt, repr(now), header_text)
                 await redis.zadd(self.delayed_key, {member: due})
                 return f"delayed:{uid}"
-            fields = _message_fields(name, body, attempt, repr(now))
+            fields = _message_fields(name, body, attempt, repr(now), header_text)
             return _text(await redis.xadd(self.stream, _pairs(fields)))  # type: ignore[arg-type]
 
     # -- consuming ----------------------------------------------------------------------
@@ -603,10 +628,11 @@ class RedisStreamQueue:
                 f"retried; dead-letter it"
             )
         body, attempt, enqueued_at = self._body(delivery), delivery.attempt + 1, repr(delivery.enqueued_at)
+        headers = encode_headers(delivery.job, delivery.headers)
         if delay > 0:
-            member, _ = _delayed_member(delivery.job, body, attempt, enqueued_at, last_error=error[:500])
+            member, _ = _delayed_member(delivery.job, body, attempt, enqueued_at, headers, last_error=error[:500])
             return await self._settle("retry", delivery, self.delayed_key, "zadd", repr(time.time() + delay), member)
-        fields = [*_message_fields(delivery.job, body, attempt, enqueued_at), "last_error", error[:500]]
+        fields = [*_message_fields(delivery.job, body, attempt, enqueued_at, headers), "last_error", error[:500]]
         return await self._settle("retry", delivery, self.stream, "xadd", "", *fields)
 
     async def dead_letter(self, delivery: Delivery, record: Mapping[str, Any]) -> bool:
@@ -628,7 +654,8 @@ class RedisStreamQueue:
             fields: list[Any] = [item for pair in delivery.raw.items() for item in pair]
         else:
             body = encode_payload(delivery.payload)
-            fields = _message_fields(delivery.job, body, delivery.attempt, repr(delivery.enqueued_at))
+            headers = encode_headers(delivery.job, delivery.headers)
+            fields = _message_fields(delivery.job, body, delivery.attempt, repr(delivery.enqueued_at), headers)
         return await self._settle("release", delivery, self.stream, "xadd", "", *fields)
 
     async def renew(self, deliveries: Sequence[Delivery]) -> list[str]:
@@ -696,6 +723,9 @@ class RedisStreamQueue:
                 if not isinstance(job, str) or not job or not isinstance(payload, dict):
                     continue  # malformed: nothing to run; its raw fields stay for a human
                 args = [dead_id, job, encode_payload(payload), repr(time.time())]
+                headers = encode_headers(job, record_headers(record))
+                if headers is not None:
+                    args += ["headers", headers]
                 new_id = await self._script(_REPLAY)(keys=[self.dead_letter_stream, self.stream], args=args)
             replayed += new_id is not None
         return replayed

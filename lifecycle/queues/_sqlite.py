@@ -63,9 +63,12 @@ from ._base import (
     Delivery,
     MalformedMessage,
     dead_record_from_row,
+    decode_headers,
     decode_payload,
+    encode_headers,
     encode_payload,
     job_name,
+    record_headers,
 )
 
 if TYPE_CHECKING:
@@ -91,7 +94,8 @@ CREATE TABLE IF NOT EXISTS lifecycle_messages (
     owner TEXT,
     claim INTEGER,
     lease_until REAL,
-    last_error TEXT
+    last_error TEXT,
+    headers TEXT
 );
 CREATE INDEX IF NOT EXISTS lifecycle_messages_ready
     ON lifecycle_messages (queue, run_at, id) WHERE owner IS NULL;
@@ -112,7 +116,7 @@ _MESSAGE_COLUMNS = {
 }  # fmt: skip
 # A settle's work, run in its transaction: (connection, owner-check WHERE clause, its arguments).
 _Settle = Callable[[sqlite3.Connection, str, tuple[Any, ...]], bool]
-_RETURNING = "RETURNING id, job, payload, attempt, deliveries, enqueued_at"
+_RETURNING = "RETURNING id, job, payload, attempt, deliveries, enqueued_at, headers"
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +157,7 @@ def _ids(ids: Sequence[str], op: str) -> list[int]:
 
 
 def decode_row(row: Sequence[Any], claim: int) -> Delivery:
-    """A claimed row (``id, job, payload, attempt, deliveries, enqueued_at``) as a
+    """A claimed row (``id, job, payload, attempt, deliveries, enqueued_at, headers``) as a
     ``Delivery``; one that does not decode is returned with ``malformed`` set
     (``"<column>: <why>"``) and its columns kept in ``raw``.
 
@@ -161,7 +165,7 @@ def decode_row(row: Sequence[Any], claim: int) -> Delivery:
         row: the values as the connection returned them (text as bytes).
         claim: the claim that handed the row out (the owner check of every settle).
     """
-    message_id, job, payload, attempt, deliveries, enqueued_at = row
+    message_id, job, payload, attempt, deliveries, enqueued_at, headers = row
     handle = _Handle(claim, dict(zip(RAW_COLUMNS, (job, payload, attempt, enqueued_at), strict=True)))
     count = deliveries if type(deliveries) is int and deliveries >= 1 else 1
 
@@ -186,7 +190,12 @@ def decode_row(row: Sequence[Any], claim: int) -> Delivery:
         body = decode_payload(payload)
     except MalformedMessage as exc:
         return bad(f"payload: {exc}")
-    return Delivery(str(message_id), name, body, attempt, count, float(enqueued_at), raw=handle)
+    try:
+        decoded_headers = decode_headers(headers)
+    except MalformedMessage as exc:
+        return bad(f"headers: {exc}")
+    enqueued = float(enqueued_at)
+    return Delivery(str(message_id), name, body, attempt, count, enqueued, raw=handle, headers=decoded_headers)
 
 
 class SqliteQueue:
@@ -307,6 +316,8 @@ class SqliteQueue:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                if columns and "headers" not in columns:  # a queue file made before headers existed
+                    conn.execute("ALTER TABLE lifecycle_messages ADD COLUMN headers TEXT")
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -385,6 +396,7 @@ class SqliteQueue:
         delay: float | None = None,
         at: float | None = None,
         attempt: int = 1,
+        headers: Mapping[str, str] | None = None,
     ) -> str:
         """Add a message; returns its id.
 
@@ -396,8 +408,11 @@ class SqliteQueue:
             delay: seconds from now; None or <= 0 means now. Not with ``at``.
             at: when to run it, in seconds since the epoch (a past time means now).
             attempt: the attempt number the message carries (>= 1).
+            headers: string metadata handed back as ``Delivery.headers``.
         """
-        [message_id] = await self.enqueue_many(job, [payload or {}], delay=delay, at=at, attempt=attempt)
+        [message_id] = await self.enqueue_many(
+            job, [payload or {}], delay=delay, at=at, attempt=attempt, headers=headers
+        )
         return message_id
 
     async def enqueue_many(
@@ -408,11 +423,13 @@ class SqliteQueue:
         delay: float | None = None,
         at: float | None = None,
         attempt: int = 1,
+        headers: Mapping[str, str] | None = None,
     ) -> list[str]:
         """Add one message per payload, all in one transaction (all or none); returns
         their ids in order. Much faster than one ``enqueue`` per message. Arguments as
         for ``enqueue``; every payload is validated and encoded before any is written."""
         due = self._due(job, delay, at, attempt)
+        header_text = encode_headers(job, headers)
         rows = []
         for payload in payloads:
             name, args = job_name(job, payload)
@@ -423,9 +440,9 @@ class SqliteQueue:
             ids = []
             for name, body in rows:
                 cursor = conn.execute(
-                    "INSERT INTO lifecycle_messages (queue, job, payload, attempt, enqueued_at, run_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (self.name, name, body, attempt, now, max(due, now)),
+                    "INSERT INTO lifecycle_messages (queue, job, payload, attempt, enqueued_at, run_at, headers) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (self.name, name, body, attempt, now, max(due, now), header_text),
                 )
                 ids.append(str(cursor.lastrowid))
             return ids
@@ -560,7 +577,7 @@ class SqliteQueue:
         row's columns) and delete it; False (nothing changed) if it is not owned."""
         cursor = conn.execute(
             "INSERT INTO lifecycle_messages (queue, job, payload, attempt, deliveries, enqueued_at, run_at, "
-            f"last_error) SELECT {copy} FROM lifecycle_messages WHERE {where}",
+            f"last_error, headers) SELECT {copy}, headers FROM lifecycle_messages WHERE {where}",
             (*values, *args),
         )
         if cursor.rowcount != 1:
@@ -695,10 +712,11 @@ class SqliteQueue:
                     continue  # nothing to run; its raw columns stay for a human
                 if not isinstance(payload, dict):
                     continue
+                headers = record_headers(record)
                 conn.execute(
-                    "INSERT INTO lifecycle_messages (queue, job, payload, attempt, enqueued_at, run_at) "
-                    "VALUES (?, ?, ?, 1, ?, ?)",
-                    (self.name, job, encode_payload(payload), now, now),
+                    "INSERT INTO lifecycle_messages (queue, job, payload, attempt, enqueued_at, run_at, headers) "
+                    "VALUES (?, ?, ?, 1, ?, ?, ?)",
+                    (self.name, job, encode_payload(payload), now, now, encode_headers(job, headers)),
                 )
                 conn.execute("DELETE FROM lifecycle_dead_letters WHERE id = ?", (dead_id,))
                 replayed += 1
