@@ -18,6 +18,7 @@ from ._errors import (
 )
 from ._job import Job, job
 from ._markers import Depends, dependency
+from ._outcome import Failed, Outcome, Rejected, RetryLater, Succeeded
 from ._runtime import Runtime, run
 from ._schedule import Schedule
 from ._worker import Worker
@@ -28,17 +29,22 @@ __all__ = [
     "CommitFailed",
     "DependencyError",
     "Depends",
+    "Failed",
     "Job",
     "JobContext",
     "JobTimeout",
     "LifecycleError",
+    "Outcome",
     "PayloadError",
     "Reject",
+    "Rejected",
     "Retry",
+    "RetryLater",
     "Runtime",
     "Schedule",
     "ScheduleError",
     "StartupError",
+    "Succeeded",
     "TeardownTimeout",
     "Worker",
     "dependency",
@@ -52,17 +58,21 @@ for _public in (
     CommitFailed,
     DependencyError,
     Depends,
+    Failed,
     Job,
     JobContext,
     JobTimeout,
     LifecycleError,
     PayloadError,
     Reject,
+    Rejected,
     Retry,
+    RetryLater,
     Runtime,
     Schedule,
     ScheduleError,
     StartupError,
+    Succeeded,
     TeardownTimeout,
     Worker,
     dependency,

@@ -14,7 +14,7 @@ from typing import Annotated, Any, get_args, get_origin
 
 from ._context import JobContext
 from ._errors import DependencyError
-from ._markers import DependencyOptions, Depends, options_of
+from ._markers import DependencyOptions, Depends, marker_of, options_of, request_only
 
 EMPTY: Any = inspect.Parameter.empty
 
@@ -246,7 +246,7 @@ def _depends_in(annotation: Any) -> tuple[Any, Depends | None]:
     """Split ``Annotated[T, Depends(f)]`` into ``(T, Depends)``; the last marker wins."""
     if get_origin(annotation) is Annotated:
         base, *extras = get_args(annotation)
-        marks = [e for e in extras if isinstance(e, Depends)]
+        marks = [m for e in extras if (m := marker_of(e)) is not None]
         return base, (marks[-1] if marks else None)
     return annotation, None
 
@@ -261,12 +261,13 @@ def classify(name: str, p: inspect.Parameter, owner: str) -> Param | None:
         return None
     base, marker = _depends_in(p.annotation)
     default = p.default
-    if isinstance(default, Depends):
+    as_default = marker_of(default)
+    if as_default is not None:
         if marker is not None:
             raise DependencyError(
                 f"{owner}, parameter {name!r}: Depends given both in Annotated[...] and as the default value; use one"
             )
-        marker, default = default, EMPTY
+        marker, default = as_default, EMPTY
     if marker is not None:
         if marker.dependency is None:
             if base is EMPTY or not callable(base) or base is Any:
@@ -278,6 +279,14 @@ def classify(name: str, p: inspect.Parameter, owner: str) -> Param | None:
         return Param(name, p.kind, Source.DEPENDS, default, base, marker)
     if _is_context(base):
         return Param(name, p.kind, Source.CONTEXT, default, base)
+    extras = get_args(p.annotation)[1:] if get_origin(p.annotation) is Annotated else ()
+    web = request_only(base, (default, *extras))
+    if web is not None:
+        raise DependencyError(
+            f"{owner}, parameter {name!r}: {web} is FastAPI request data, and a job has no HTTP request; "
+            "take the value as a plain parameter (filled by name from the job's arguments), "
+            "or keep this dependency for routes only"
+        )
     return Param(name, p.kind, Source.NAMED, default, base, declared=p.annotation)
 
 

@@ -1,9 +1,18 @@
 """The two declarations users write: ``Depends(...)`` on a parameter and
-``@dependency(...)`` on a provider. They only record intent; ``_analysis`` reads them."""
+``@dependency(...)`` on a provider. They only record intent; ``_analysis`` reads them.
+
+FastAPI's own ``Depends`` is read here too (``marker_of``), so one ``get_db`` written for
+routes serves jobs unchanged, and FastAPI's request-only parameters are recognised
+(``request_only``) so that a job using one fails with a clear error. Both look FastAPI
+up in ``sys.modules`` and never import it: a marker from FastAPI can only exist once
+FastAPI has been imported, and the core must not pay for, or need, an optional
+library."""
 
 from __future__ import annotations
 
 import functools
+import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, overload
@@ -107,3 +116,49 @@ def options_of(call: Callable[..., Any]) -> DependencyOptions:
             return found
         obj = obj.func if isinstance(obj, functools.partial) else getattr(obj, "__wrapped__", None)
     return DEFAULT_OPTIONS
+
+
+def marker_of(obj: Any) -> Depends | None:
+    """``obj`` as a ``Depends`` marker: itself if it is lifecycle's, the same
+    declaration if it is FastAPI's ``fastapi.params.Depends`` (or ``Security``, whose
+    scopes mean nothing to a job), else None."""
+    if isinstance(obj, Depends):
+        return obj
+    params = sys.modules.get("fastapi.params")
+    if params is not None and isinstance(obj, params.Depends):
+        return Depends(obj.dependency, use_cache=obj.use_cache)
+    return None
+
+
+# Types FastAPI fills from the HTTP request or response, by module:qualname (checked on
+# the annotation's MRO, so subclasses count), so that none of them is imported here.
+_REQUEST_TYPES = frozenset(
+    {
+        "starlette.requests:HTTPConnection",  # Request's and WebSocket's base
+        "starlette.responses:Response",
+        "starlette.background:BackgroundTasks",
+        "fastapi.security.oauth2:SecurityScopes",
+    }
+)
+
+
+def request_only(annotation: Any, markers: tuple[Any, ...]) -> str | None:
+    """What makes a parameter FastAPI request data (``Request``, ``Header()``, ...), in
+    words, or None. A job has no HTTP request, so such a parameter cannot be filled.
+
+    Args:
+        annotation: the parameter's type, ``Annotated`` metadata removed.
+        markers: its default value and its ``Annotated`` metadata.
+    """
+    if "starlette" not in sys.modules:
+        return None
+    if inspect.isclass(annotation):
+        for cls in annotation.__mro__:
+            if f"{cls.__module__}:{cls.__qualname__}" in _REQUEST_TYPES:
+                return f"{annotation.__module__}.{annotation.__qualname__}"
+    params = sys.modules.get("fastapi.params")
+    if params is not None:
+        for marker in markers:
+            if isinstance(marker, params.Param | params.Body):
+                return f"fastapi.{type(marker).__name__}()"
+    return None

@@ -18,12 +18,15 @@ from typing import Any, TypeVar, overload
 import anyio
 from anyio.abc import TaskGroup
 
+from ._analysis import label
 from ._codegen import Runner, Runners
 from ._context import JobContext
-from ._errors import DependencyError, JobTimeout, LifecycleError, Retry
+from ._errors import DependencyError, JobTimeout, LifecycleError, PayloadError, Reject, Retry
 from ._job import Job, as_job
 from ._log import LOG, JobLog, describe, log_failure
 from ._markers import Depends
+from ._observe import MetricsSink, Observer, configured_tracer_provider
+from ._outcome import Failed, Outcome, Rejected, RetryLater, Succeeded
 from ._plan import Plan, WorkerNode
 from ._retry import RetryPolicy, Verdict
 from ._watchdog import Watchdog
@@ -31,8 +34,13 @@ from ._worker_scope import WorkerScope
 
 T = TypeVar("T")
 
+_VERSION = "0.1.0"  # the instrumentation scope's version on spans (lifecycle.__version__)
+
 # ``Runtime.run`` retries at once unless ``Retry(delay)`` asks for a wait.
 _POLICY = RetryPolicy()
+# ``Runtime.attempt``'s default backoff: the queue Worker's (``retry_backoff=1.0``), so a
+# consumer loop the library does not own spaces its retries as a Worker would.
+_ATTEMPT_POLICY = RetryPolicy(1.0, 300.0)
 
 
 def _new_id() -> str:
@@ -103,7 +111,18 @@ class Overrides(dict[Any, Any]):
 
 
 class Runtime:
-    """Runs jobs; holds worker-scoped dependencies from ``async with`` entry to exit."""
+    """Runs jobs; holds worker-scoped dependencies from ``async with`` entry to exit.
+
+    Args:
+        dependency_overrides: ``{original: replacement}``, see ``dependency_overrides``.
+        teardown_timeout: seconds each dependency's teardown may take (None: no bound).
+        dependencies: ``Depends(...)`` run for every job, values not injected.
+        tracer_provider: an OpenTelemetry ``TracerProvider`` to trace jobs and their
+            dependencies with. None (the default): the global one, once an SDK has
+            configured it; without one, tracing is off and costs nothing.
+        metrics: where job and dependency numbers go (``lifecycle.prometheus.Metrics``);
+            None: none are recorded.
+    """
 
     def __init__(
         self,
@@ -111,6 +130,8 @@ class Runtime:
         dependency_overrides: Mapping[Any, Any] | None = None,
         teardown_timeout: float | None = 30.0,
         dependencies: Iterable[Depends] = (),
+        tracer_provider: Any | None = None,
+        metrics: MetricsSink | None = None,
     ) -> None:
         if teardown_timeout is not None and teardown_timeout <= 0:
             raise ValueError(f"teardown_timeout must be positive or None, got {teardown_timeout!r}")
@@ -129,6 +150,11 @@ class Runtime:
         # The running backend's own scope class for the per-job guard (see _engine).
         self._scope_class: Callable[[], Any] = anyio.CancelScope
         self._open = False
+        self.tracer_provider = tracer_provider
+        self.metrics = metrics
+        # None unless tracing or metrics are on (decided at entry): then plans compile
+        # with observed dependencies and every attempt is observed (see _observe).
+        self._observer: Observer | None = None
 
     # -- overrides ----------------------------------------------------------------------
     @property
@@ -169,6 +195,8 @@ class Runtime:
         return self._compiled(as_job(fn)).plan
 
     def _compiled(self, job: Job[..., Any]) -> Runners:
+        if self._observer is not None:
+            return self._observed(job)
         if not self._overrides and not self.dependencies and job.error is None:
             return job.runners  # compiled at decoration; nothing here changes it
         version = self._overrides.version
@@ -179,6 +207,17 @@ class Runtime:
         self._runners[job] = (version, runners)
         return runners
 
+    def _observed(self, job: Job[..., Any]) -> Runners:
+        observer = self._observer
+        assert observer is not None
+        version = self._overrides.version
+        cached = self._runners.get(job)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        runners = job.compile(self.dependencies, observer.overrides(self._overrides))
+        self._runners[job] = (version, runners)
+        return runners
+
     # -- lifetime -----------------------------------------------------------------------
     async def __aenter__(self) -> Runtime:
         if self._open:
@@ -186,6 +225,7 @@ class Runtime:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._scope_class = _native_scope_class()
+        self._observe()
         self._scope = WorkerScope(self.teardown_timeout)
         self._scope.attach(self._task_group)
         if self.teardown_timeout is not None:
@@ -194,6 +234,16 @@ class Runtime:
             self._task_group.start_soon(self._run_watchdog, self._watchdog, self._watchdog_scope)
         self._open = True
         return self
+
+    def _observe(self) -> None:
+        """Decide, at entry, whether this runtime traces and measures: an explicit
+        tracer provider, or the global one once an SDK configured it; ``metrics``."""
+        provider = self.tracer_provider if self.tracer_provider is not None else configured_tracer_provider()
+        tracer = provider.get_tracer("lifecycle", _VERSION) if provider is not None else None
+        observer = Observer(tracer, self.metrics) if tracer is not None or self.metrics is not None else None
+        if (observer is None) != (self._observer is None):
+            self._runners.clear()  # compiled for the other mode
+        self._observer = observer
 
     @staticmethod
     async def _run_watchdog(watchdog: Watchdog, scope: anyio.CancelScope) -> None:
@@ -262,28 +312,9 @@ class Runtime:
             except BaseException as exc:
                 verdict, delay = _POLICY.decide(exc, attempt, job.retries)
                 if verdict != Verdict.RETRY:
-                    if verdict == Verdict.EXHAUSTED and isinstance(exc, Retry):
-                        used_up = _POLICY.used_up(attempt, job.retries)
-                        exc.add_note(f"lifecycle: job {job.name!r} asked to retry but has {used_up}")
-                        # A deliberate outcome: one line, no traceback.
-                        LOG.error(
-                            "job.failed",
-                            job=job.name,
-                            job_id=job_id,
-                            attempt=attempt,
-                            error=f"{describe(exc)}; {used_up}",
-                        )
-                    else:
-                        _log_failure(job, job_id, attempt, exc)
+                    _log_final(job, job_id, attempt, exc, verdict)
                     raise
-                LOG.warning(
-                    "job.retrying",
-                    job=job.name,
-                    job_id=job_id,
-                    attempt=attempt,
-                    delay=delay,
-                    error=describe(exc),
-                )
+                _log_retrying(job, job_id, attempt, delay, exc)
             if delay:
                 await anyio.sleep(delay)
             attempt += 1
@@ -311,6 +342,86 @@ class Runtime:
         job = as_job(fn)
         return await self._attempt(job, self._compiled(job), payload, extras, job_id or _new_id(), attempt)
 
+    async def attempt(
+        self,
+        fn: Callable[..., Any],
+        payload: Mapping[str, Any],
+        *,
+        attempt: int = 1,
+        job_id: str | None = None,
+        backoff: float | None = 1.0,
+        backoff_max: float = 300.0,
+    ) -> Outcome:
+        """Run one attempt of a job for a consumer loop the library does not own, and
+        return what to do with its message instead of raising.
+
+        The retry rules are the ones ``run`` and ``Worker`` follow (README,
+        "Semantics"): ``Reject`` and a payload that does not fit are ``Rejected``;
+        a graph error, or any failure on the job's last attempt (a ``Retry`` included),
+        is ``Failed``; any other ``Exception`` (a ``JobTimeout`` too) with attempts
+        left is ``RetryLater``. The outcome is logged as ``run`` logs it
+        (``job.succeeded``, ``job.retrying``, ``job.rejected``, ``job.failed``).
+
+        Args:
+            fn: a ``@job``, or any callable with ``Depends`` parameters (sync or async).
+            payload: the job's arguments by name (a decoded message body); validated
+                before anything is set up. Not a mapping: ``Rejected``.
+            attempt: this attempt's number, from 1, as the caller's message carries it;
+                attempt ``retries + 1`` is the job's last.
+            job_id: the job's id in logs and ``JobContext.id`` (a message id); None: a
+                fresh random one.
+            backoff: seconds before the first retry when the job gave no
+                ``Retry(delay)``, doubled per attempt with jitter (half to all of it);
+                None: retry at once (``RetryLater.delay`` is 0).
+            backoff_max: the cap on that backoff, in seconds.
+
+        Returns:
+            ``Succeeded(result)``, ``RetryLater(delay, error)``, ``Rejected(reason,
+            error)`` or ``Failed(error)``.
+
+        Raises:
+            ValueError: ``attempt`` is not a positive int.
+            LifecycleError: the runtime is not open.
+            BaseException: cancellation (the caller's, a shutdown's) and anything else
+                that is not an ``Exception`` propagates: it is never an outcome.
+        """
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+            name = getattr(fn, "name", None) or getattr(fn, "__qualname__", repr(fn))
+            raise ValueError(f"job {name!r}: attempt must be an int >= 1 (1 is the first attempt), got {attempt!r}")
+        if not self._open:
+            raise LifecycleError("the Runtime is not open; use `async with Runtime() as rt:`")
+        job_id = job_id or _new_id()
+        try:
+            job = as_job(fn)
+        except DependencyError as exc:
+            # A plain callable whose graph cannot be read: no job name to log under.
+            LOG.error("job.failed", job=label(fn), job_id=job_id, attempt=attempt, error=describe(exc))
+            return Failed(exc)
+        try:
+            if not isinstance(payload, Mapping):
+                raise PayloadError(
+                    f"job {job.name!r}: the payload must be a mapping, got {type(payload).__name__}", job=job.name
+                )
+            bound, extras = job.bind_payload((), payload)
+        except PayloadError as exc:
+            LOG.warning("job.rejected", job=job.name, job_id=job_id, attempt=attempt, reason=describe(exc))
+            return Rejected(str(exc), exc)
+        policy = _ATTEMPT_POLICY if (backoff, backoff_max) == (1.0, 300.0) else RetryPolicy(backoff, backoff_max)
+        try:
+            runners = self._compiled(job)
+            result = await self._attempt(job, runners, bound, extras, job_id, attempt)
+        except Exception as exc:
+            verdict, delay = policy.decide(exc, attempt, job.retries)
+            if verdict == Verdict.RETRY:
+                delay = delay or 0.0
+                _log_retrying(job, job_id, attempt, delay, exc)
+                return RetryLater(delay, exc)
+            _log_final(job, job_id, attempt, exc, verdict)
+            if verdict == Verdict.REJECTED and isinstance(exc, Reject):
+                return Rejected(exc.reason, exc)
+            return Failed(exc)
+        return Succeeded(result)
+
     async def _attempt(
         self,
         job: Job[..., Any],
@@ -327,12 +438,38 @@ class Runtime:
         if runners.plan.needs_context:
             ctx = JobContext(job_id, job.name, attempt, MappingProxyType(payload))
             ctx._log = log
+        if self._observer is not None:
+            with self._observer.attempt(job.name, job_id, attempt):
+                return await self._execute(job, runners, payload, extras, ctx, log, attempt)
         started = time.perf_counter() if log.info_enabled else 0.0
         if log.debug_enabled:
             log.debug("job.started")
             runner = runners.traced  # with a debug event per dependency
         else:
             runner = runners.run
+        if job.timeout is None:
+            result = await runner(payload, extras, ctx, self, log)
+        else:
+            result = await _run_with_timeout(job, runner, payload, extras, ctx, self, log, attempt)
+        if log.info_enabled:
+            log.info("job.succeeded", duration_ms=round((time.perf_counter() - started) * 1000, 3))
+        return result
+
+    async def _execute(
+        self,
+        job: Job[..., Any],
+        runners: Runners,
+        payload: dict[str, Any],
+        extras: dict[str, Any] | None,
+        ctx: JobContext | None,
+        log: JobLog,
+        attempt: int,
+    ) -> Any:
+        """The rest of ``_attempt``, for an observed attempt (the plain path stays inline)."""
+        started = time.perf_counter() if log.info_enabled else 0.0
+        if log.debug_enabled:
+            log.debug("job.started")
+        runner = runners.traced if log.debug_enabled else runners.run
         if job.timeout is None:
             result = await runner(payload, extras, ctx, self, log)
         else:
@@ -352,10 +489,21 @@ class Runtime:
         return bound
 
 
-def _log_failure(job: Job[..., Any], job_id: str, attempt: int, exc: BaseException) -> None:
-    # job.cancelled / job.rejected / job.timed_out in one line, job.failed with the
-    # traceback only for an unexpected error (see _log.log_failure).
-    log_failure(LOG, exc, job=job.name, job_id=job_id, attempt=attempt)
+def _log_final(job: Job[..., Any], job_id: str, attempt: int, exc: BaseException, verdict: Verdict) -> None:
+    """Log an attempt that ends the job (any verdict but ``RETRY``)."""
+    if verdict == Verdict.EXHAUSTED and isinstance(exc, Retry):
+        used_up = _POLICY.used_up(attempt, job.retries)
+        exc.add_note(f"lifecycle: job {job.name!r} asked to retry but has {used_up}")
+        # A deliberate outcome: one line, no traceback.
+        LOG.error("job.failed", job=job.name, job_id=job_id, attempt=attempt, error=f"{describe(exc)}; {used_up}")
+    else:
+        # job.cancelled / job.rejected / job.timed_out in one line, job.failed with the
+        # traceback only for an unexpected error (see _log.log_failure).
+        log_failure(LOG, exc, job=job.name, job_id=job_id, attempt=attempt)
+
+
+def _log_retrying(job: Job[..., Any], job_id: str, attempt: int, delay: float | None, exc: BaseException) -> None:
+    LOG.warning("job.retrying", job=job.name, job_id=job_id, attempt=attempt, delay=delay, error=describe(exc))
 
 
 async def _run_with_timeout(

@@ -25,10 +25,12 @@ import anyio
 from anyio import CancelScope
 from anyio.abc import TaskGroup
 
-from ._errors import CommitFailed, LifecycleError, PayloadError, StartupError
+from ._errors import CommitFailed, JobTimeout, LifecycleError, PayloadError, StartupError
+from ._health import Probe, serve_health
 from ._job import Job, as_job
 from ._log import LOG, describe, redact, traceback_text
 from ._markers import Depends
+from ._observe import Carried, carried
 from ._retry import RetryPolicy, Verdict
 from ._runtime import Runtime
 from ._schedule import Schedule, Scheduler, schedules_of
@@ -43,10 +45,11 @@ class _Broker:
     """Whether the broker is reachable, as the worker last saw it; logs each outage
     once when it starts and once when it ends."""
 
-    def __init__(self, backoff: float, backoff_max: float) -> None:
+    def __init__(self, backoff: float, backoff_max: float, on_recovered: Callable[[], None] | None = None) -> None:
         self._backoff = RetryPolicy(backoff, backoff_max)
         self.down_since: float | None = None
         self.outages = 0
+        self._on_recovered = on_recovered
 
     def delay(self, failures: int) -> float:
         """Seconds to wait after ``failures`` failures in a row: exponential, capped,
@@ -64,6 +67,8 @@ class _Broker:
             downtime = time.monotonic() - self.down_since
             self.down_since = None
             LOG.info("worker.broker_recovered", downtime_s=round(downtime, 3))
+            if self._on_recovered is not None:
+                self._on_recovered()
 
 
 class Worker:
@@ -97,6 +102,19 @@ class Worker:
             (``@job(cron=...)``): this worker enqueues each tick under its
             de-duplication key, so a fleet makes one message per tick. Their jobs are
             added to ``jobs``.
+        tracer_provider: an OpenTelemetry ``TracerProvider``: a span per job attempt
+            (continuing the trace its message carries) with a child per dependency
+            setup and teardown. None: the global one once an SDK configured it, else
+            no tracing (and no cost).
+        metrics: a ``lifecycle.prometheus.Metrics`` to record into; None: none, unless
+            ``metrics_port`` is given (then ``Metrics.default()``).
+        metrics_port: serve Prometheus metrics on this TCP port at ``/metrics`` while
+            the worker runs (0: a free port, see ``metrics_server``); None: no server.
+            Needs the ``prometheus`` extra.
+        metrics_address: the address the metrics server listens on.
+        health_port: serve ``/livez`` and ``/readyz`` on this TCP port while the worker
+            runs (0: a free port, see ``health_port_bound``); None: no health server.
+        health_address: the address the health server listens on.
     """
 
     def __init__(
@@ -117,6 +135,12 @@ class Worker:
         broker_backoff: float = 0.5,
         broker_backoff_max: float = 30.0,
         schedules: Iterable[Schedule] = (),
+        tracer_provider: Any | None = None,
+        metrics: Any | None = None,
+        metrics_port: int | None = None,
+        metrics_address: str = "0.0.0.0",
+        health_port: int | None = None,
+        health_address: str = "0.0.0.0",
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
@@ -153,10 +177,33 @@ class Worker:
         self.max_deliveries = max_deliveries
         self.poll_interval = poll_interval
         self.heartbeat_interval = heartbeat_interval
+        for option, port in (("metrics_port", metrics_port), ("health_port", health_port)):
+            if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535):
+                raise ValueError(f"{option} must be a TCP port number (0-65535) or None, got {port!r}")
+        if metrics_port is not None and metrics is None:
+            from .prometheus import Metrics  # the optional extra, imported only when asked for
+
+            metrics = Metrics.default()
+        self.metrics = metrics
+        self.metrics_port = metrics_port
+        self.metrics_address = metrics_address
+        self.metrics_server: Any = None  # the running metrics server (its server_port) while running
+        self.health_port = health_port
+        self.health_address = health_address
+        self.health_port_bound: int | None = None  # the health server's port while running
         self.runtime = Runtime(
-            dependency_overrides=dependency_overrides, teardown_timeout=teardown_timeout, dependencies=dependencies
+            dependency_overrides=dependency_overrides,
+            teardown_timeout=teardown_timeout,
+            dependencies=dependencies,
+            tracer_provider=tracer_provider,
+            metrics=metrics,
         )
-        self._broker = _Broker(broker_backoff, broker_backoff_max)
+        self._broker_backoff_max = broker_backoff_max
+        self._broker = _Broker(broker_backoff, broker_backoff_max, metrics.reconnected if metrics is not None else None)
+        self._carry = _carried_attributes(queue)
+        self._ready = False  # worker scope set up and consuming (for /readyz)
+        self._read_turn = 0.0  # time.monotonic() of the read loop's last turn (for /livez)
+        self._reading_full = False  # every slot busy: not reading, and that is fine
         self.stats = {
             "succeeded": 0,
             "retried": 0,
@@ -205,7 +252,10 @@ class Worker:
                 has run.
         """
         try:
-            await self._run()
+            if self.metrics_port is None and self.health_port is None:
+                await self._run()
+            else:
+                await self._run_served()
         except BaseExceptionGroup as group:
             # One failure inside the worker's task groups: raise it as itself, so the
             # log line says what broke rather than "unhandled errors in a TaskGroup".
@@ -214,7 +264,61 @@ class Worker:
             raise
         finally:
             self._stopping = False
+            self._ready = False
             self._lost.clear()
+
+    async def _run_served(self) -> None:
+        """``_run`` with the metrics and health servers up for as long as it runs."""
+        if self.metrics_port is not None:
+            from .prometheus import serve_metrics
+
+            registry = getattr(self.metrics, "registry", None)
+            self.metrics_server = serve_metrics(self.metrics_port, self.metrics_address, registry)
+            LOG.info("worker.metrics_serving", address=self.metrics_address, port=self.metrics_server.server_port)
+        try:
+            async with anyio.create_task_group() as servers:
+                if self.health_port is not None:
+                    probe = Probe(self._live, self._ready_state)
+                    self.health_port_bound = await servers.start(
+                        serve_health, probe, self.health_port, self.health_address
+                    )
+                try:
+                    await self._run()
+                finally:
+                    servers.cancel_scope.cancel()
+        finally:
+            self.health_port_bound = None
+            if self.metrics_server is not None:
+                server, self.metrics_server = self.metrics_server, None
+                await anyio.to_thread.run_sync(server.shutdown)
+                server.server_close()
+
+    def _live(self) -> tuple[bool, str]:
+        """For ``/livez``: the loop answered (it runs this); is the read loop turning?"""
+        if not self._ready or self._reading_full or self._stopping:
+            # Not reading, and rightly so: starting up, full, or draining after a stop.
+            return True, "starting" if not self._ready else "draining" if self._stopping else "every slot busy"
+        stale = time.monotonic() - self._read_turn
+        limit = self.stall_after
+        if stale > limit:
+            return False, f"the read loop has not turned for {stale:.1f}s (limit {limit:.1f}s)"
+        return True, "consuming"
+
+    @property
+    def stall_after(self) -> float:
+        """Seconds without a turn of the read loop after which ``/livez`` fails: three
+        times the longest a healthy turn takes (a read's wait plus the broker backoff)."""
+        return 3 * (self.poll_interval + self._broker_backoff_max) + 10
+
+    def _ready_state(self) -> tuple[bool, str]:
+        """For ``/readyz``: worker scope set up, broker reachable, not draining."""
+        if self._stopping:
+            return False, "draining"
+        if not self._ready:
+            return False, "starting: the queue or the worker scope is not set up yet"
+        if self._broker.down_since is not None:
+            return False, f"broker unavailable for {time.monotonic() - self._broker.down_since:.1f}s"
+        return True, "ready"
 
     async def _run(self) -> None:
         log = LOG
@@ -229,6 +333,8 @@ class Worker:
                 log.info("worker.stopped", **self.stats)
                 return
             log.info("worker.started", jobs=sorted(self.jobs), concurrency=self.concurrency)
+            self._read_turn = time.monotonic()
+            self._ready = True
             await self._consume()
         log.info("worker.stopped", **self.stats)
 
@@ -300,10 +406,15 @@ class Worker:
     async def _read(self, jobs: TaskGroup) -> None:
         failures = 0
         while not self._stopping:
+            self._read_turn = time.monotonic()
             free = self.concurrency - len(self._in_flight)
             if free <= 0:
                 self._slot_free = event = anyio.Event()
-                await event.wait()
+                self._reading_full = True
+                try:
+                    await event.wait()
+                finally:
+                    self._reading_full = False
                 continue
             deliveries: list[Delivery] = []
             with CancelScope() as self._interruptible:  # stop() cancels a waiting read
@@ -435,6 +546,8 @@ class Worker:
         except PayloadError as exc:
             await self._dead(delivery, "invalid_payload", exc)
             return
+        if self.runtime._observer is not None:
+            self._observe_delivery(delivery)
         try:
             await self.runtime.run_attempt(job, payload, extras, job_id=delivery.id, attempt=delivery.attempt)
         except anyio.get_cancelled_exc_class():
@@ -452,6 +565,24 @@ class Worker:
             else:
                 if acked:
                     self.stats["succeeded"] += 1
+                    if self.metrics is not None:
+                        self.metrics.job_settled(job.name, "succeeded")
+
+    def _observe_delivery(self, delivery: Delivery) -> None:
+        """Hand the attempt's span the message's trace context and attributes (this job's
+        task has a context of its own), and record the queue lag."""
+        carried.set(
+            Carried(
+                delivery.headers,
+                {
+                    **self._carry,
+                    "messaging.message.id": delivery.id,
+                    "messaging.message.delivery_count": delivery.deliveries,
+                },
+            )
+        )
+        if self.metrics is not None and delivery.enqueued_at > 0:
+            self.metrics.received(delivery.job, time.time() - delivery.enqueued_at)
 
     async def _failed(self, job: Job[..., Any], delivery: Delivery, exc: Exception) -> None:
         """Retry the message with backoff, or dead-letter it, as the retry policy says."""
@@ -472,6 +603,8 @@ class Worker:
         )
         if await self._settle(delivery, "retry", lambda: self.queue.retry(delivery, delay, error)):
             self.stats["retried"] += 1
+            if self.metrics is not None:
+                self.metrics.job_settled(job.name, "retried")
 
     async def _release(self, delivery: Delivery) -> None:
         """The job was cancelled (shutdown): give the message back without using up an
@@ -485,6 +618,8 @@ class Worker:
             else:
                 if released:
                     self.stats["released"] += 1
+                    if self.metrics is not None:
+                        self.metrics.job_settled(delivery.job, "released")
 
     def backoff(self, attempt: int) -> float:
         """Exponential backoff with jitter: between half and all of base * 2**(attempt-1)."""
@@ -525,3 +660,45 @@ class Worker:
         )
         if await self._settle(delivery, "dead_letter", lambda: self.queue.dead_letter(delivery, record)):
             self.stats["dead_lettered"] += 1
+            if self.metrics is not None:
+                self.metrics.dead_lettered(delivery.job, reason)
+                self.metrics.job_settled(delivery.job, _settled_outcome(reason, error))
+
+
+def _settled_outcome(reason: str, error: BaseException | str) -> str:
+    """The ``jobs_total`` outcome of a dead-lettered message (see lifecycle.prometheus)."""
+    if reason == "rejected":
+        return "rejected"
+    if reason in ("failed", "error"):
+        return "timed_out" if isinstance(error, JobTimeout) else "failed"
+    return "dead_lettered"  # it never ran: malformed, unknown job, invalid payload, poison
+
+
+# messaging.system per queue class (OpenTelemetry's messaging semantic conventions).
+_SYSTEMS = {
+    "MemoryQueue": "memory",
+    "RedisStreamQueue": "redis",
+    "RabbitQueue": "rabbitmq",
+    "RabbitMQQueue": "rabbitmq",
+    "NatsQueue": "nats",
+    "PostgresQueue": "postgresql",
+    "SqliteQueue": "sqlite",
+}
+
+
+def _carried_attributes(queue: Any) -> dict[str, Any]:
+    """The messaging attributes every attempt span of this worker carries."""
+    attributes: dict[str, Any] = {
+        "messaging.system": _SYSTEMS.get(type(queue).__name__, type(queue).__name__.lower()),
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+    }
+    for name in ("stream", "queue", "subject", "table", "name"):
+        value = getattr(queue, name, None)
+        if isinstance(value, str) and value:
+            attributes["messaging.destination.name"] = value
+            break
+    group = getattr(queue, "group", None)
+    if isinstance(group, str) and group:
+        attributes["messaging.consumer.group.name"] = group
+    return attributes

@@ -43,10 +43,11 @@ from celery import Celery, signals
 from celery.exceptions import Reject as CeleryReject
 
 from ._analysis import label
-from ._errors import LifecycleError, Reject, Retry
+from ._errors import JobTimeout, LifecycleError, Reject, Retry
 from ._job import Job
 from ._log import LOG, describe, traceback_text
 from ._markers import Depends
+from ._observe import Carried, carried, configured_tracer_provider, inject_headers
 from ._retry import RetryPolicy, Verdict
 from ._runtime import Runtime
 
@@ -437,6 +438,16 @@ class CeleryLifecycle:
             bound); see the README's "Semantics", rule 6.
         dependencies: run for every task, their values not injected.
         backend: the anyio backend of each process's loop, ``"asyncio"`` or ``"trio"``.
+        tracer_provider: an OpenTelemetry ``TracerProvider`` for every task's spans (see
+            ``Runtime``); None: the global one once an SDK configured it. ``delay()`` and
+            ``apply_async()`` inside a span carry its ``traceparent`` in the message's
+            headers, and the task's attempt span continues that trace.
+        metrics: a ``lifecycle.prometheus.Metrics`` to record into; None: none, unless
+            ``metrics_port`` is given (then ``Metrics.default()``).
+        metrics_port: serve Prometheus metrics on this port from the Celery worker's
+            main process (``worker_init``); with ``PROMETHEUS_MULTIPROC_DIR`` set, the
+            sum of every prefork child's numbers. None: no server.
+        metrics_address: the address the metrics server listens on.
     """
 
     def __init__(
@@ -447,13 +458,31 @@ class CeleryLifecycle:
         teardown_timeout: float | None = 30.0,
         dependencies: Iterable[Depends] = (),
         backend: str = "asyncio",
+        tracer_provider: Any | None = None,
+        metrics: Any | None = None,
+        metrics_port: int | None = None,
+        metrics_address: str = "0.0.0.0",
     ) -> None:
+        if metrics_port is not None and (
+            not isinstance(metrics_port, int) or isinstance(metrics_port, bool) or not 0 <= metrics_port <= 65535
+        ):
+            raise ValueError(f"metrics_port must be a TCP port number (0-65535) or None, got {metrics_port!r}")
+        if metrics_port is not None and metrics is None:
+            from .prometheus import Metrics  # the optional extra, imported only when asked for
+
+            metrics = Metrics.default()
         self.app = app
         self.backend = backend
+        self.metrics = metrics
+        self.metrics_port = metrics_port
+        self.metrics_address = metrics_address
+        self.metrics_server: Any = None  # the main process's metrics server, once started
         self._runtime_options: dict[str, Any] = {
             "dependency_overrides": dependency_overrides,
             "teardown_timeout": teardown_timeout,
             "dependencies": tuple(dependencies),
+            "tracer_provider": tracer_provider,
+            "metrics": metrics,
         }
         self.jobs: dict[str, Job[..., Any]] = {}
         self._explicit_delivery: dict[str, dict[str, Any]] = {}  # task name -> options given
@@ -463,7 +492,43 @@ class CeleryLifecycle:
         signals.worker_process_shutdown.connect(self._on_shutdown, weak=False)
         signals.worker_shutdown.connect(self._on_shutdown, weak=False)
         app.on_after_finalize.connect(self._on_finalized, weak=False)
+        signals.before_task_publish.connect(self._on_publish, weak=False)
+        if metrics_port is not None:
+            signals.worker_init.connect(self._serve_metrics, weak=False)
+            signals.worker_process_shutdown.connect(self._mark_process_dead, weak=False)
         os.register_at_fork(after_in_child=self._forget_parent_loop)
+
+    # -- observability ---------------------------------------------------------------------
+    def _on_publish(self, sender: Any = None, headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """``before_task_publish``: carry the current trace context in one of our tasks'
+        message headers (Celery's own), unless the message carries one already."""
+        if headers is None or sender not in self.jobs:
+            return
+        carrier = inject_headers({"traceparent": headers["traceparent"]} if "traceparent" in headers else None)
+        if carrier:
+            for name, value in carrier.items():
+                headers.setdefault(name, value)
+
+    def _serve_metrics(self, *args: Any, **kwargs: Any) -> None:
+        """``worker_init`` (the main process, before any fork): start the metrics server."""
+        from .prometheus import serve_metrics
+
+        assert self.metrics_port is not None
+        registry = None if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else getattr(self.metrics, "registry", None)
+        self.metrics_server = serve_metrics(self.metrics_port, self.metrics_address, registry)
+        LOG.info("celery.metrics_serving", address=self.metrics_address, port=self.metrics_server.server_port)
+
+    @staticmethod
+    def _mark_process_dead(*args: Any, **kwargs: Any) -> None:
+        """``worker_process_shutdown`` (a prefork child): drop its live gauges."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+    def _settled(self, job: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.job_settled(job, outcome)
 
     # -- delivery defaults -----------------------------------------------------------------
     def _on_finalized(self, *args: Any, **kwargs: Any) -> None:
@@ -617,13 +682,20 @@ class CeleryLifecycle:
         request = task.request
         attempt = int(request.retries or 0) + 1
 
+        message = None
+        if self._runtime_options["tracer_provider"] is not None or configured_tracer_provider() is not None:
+            message = _carried(self.app, request)
+
         async def attempt_job(runtime: Runtime) -> Any:
+            if message is not None:
+                carried.set(message)  # this attempt's task on the loop has a context of its own
             return await runtime.run_attempt(job, payload, extras, job_id=request.id, attempt=attempt)
 
         try:
-            return self.process_runtime().run(attempt_job)
+            result = self.process_runtime().run(attempt_job)
         except Retry as exc:
             verdict, delay = _POLICY.decide(exc, attempt, job.retries)
+            self._settled(job.name, "failed" if verdict == Verdict.EXHAUSTED else "retried")
             if verdict == Verdict.EXHAUSTED:
                 # Celery would re-raise the Retry itself, which reaches the client as
                 # "retry requested (delay=...)": say that the attempts are used up, and
@@ -631,11 +703,45 @@ class CeleryLifecycle:
                 raise LifecycleError(_retries_exhausted(job, attempt, exc)) from exc
             raise task.retry(exc=exc, countdown=delay, max_retries=job.retries) from exc
         except Reject as exc:
+            self._settled(job.name, "rejected")
             raise CeleryReject(exc.reason, requeue=False) from exc
         except _ProcessClosed as exc:
+            self._settled(job.name, "released")
             # Nothing ran, or the shutdown cancelled the job after which its teardown ran:
             # give the message back to the broker for another worker (at-least-once).
             raise CeleryReject(f"task {job.name!r}: {exc}; requeued", requeue=True) from exc
+        except Exception as exc:
+            self._settled(job.name, "timed_out" if isinstance(exc, JobTimeout) else "failed")
+            raise
+        self._settled(job.name, "succeeded")
+        return result
+
+
+_TRACE_HEADERS = ("traceparent", "tracestate")
+_SYSTEMS = {"amqp": "rabbitmq", "amqps": "rabbitmq", "pyamqp": "rabbitmq", "redis": "redis", "rediss": "redis"}
+
+
+def _carried(app: Celery, request: Any) -> Carried:
+    """The trace context and messaging attributes of the message a task runs for. Celery
+    hands a message's custom headers to the task as attributes of its request."""
+    headers: dict[str, str] = {}
+    extra = getattr(request, "headers", None) or {}
+    for name in _TRACE_HEADERS:
+        value = getattr(request, name, None) or (extra.get(name) if isinstance(extra, dict) else None)
+        if isinstance(value, str):
+            headers[name] = value
+    scheme = str(app.conf.broker_url or "amqp").partition("://")[0].partition("+")[0]
+    attributes: dict[str, Any] = {
+        "messaging.system": _SYSTEMS.get(scheme, scheme),
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+        "messaging.message.id": str(request.id),
+    }
+    delivery = getattr(request, "delivery_info", None) or {}
+    destination = delivery.get("routing_key") if isinstance(delivery, dict) else None
+    if isinstance(destination, str) and destination:
+        attributes["messaging.destination.name"] = destination
+    return Carried(headers, attributes)
 
 
 def _validating_base(job: Job[..., Any], base: type) -> type:

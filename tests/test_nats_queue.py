@@ -141,42 +141,6 @@ async def test_worker_killed_mid_job_is_redelivered_and_completed_by_another(
     await queue.close()
 
 
-async def test_two_worker_processes_share_10000_messages_exactly_once(
-    url: str, stream: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
-) -> None:
-    total = 10_000
-    queue = make_queue(url, stream, lease=30.0)
-    await queue.open()
-    client = await nats.connect(url)
-    js = client.jetstream()
-    # Published concurrently, in the queue's format (enqueue one by one is a round trip each).
-    for start in range(0, total, 500):
-        await asyncio.gather(
-            *(
-                js.publish(f"test.{stream}", f'{{"i": {i}}}'.encode(), headers={"Lifecycle-Job": "count"})
-                for i in range(start, start + 500)
-            )
-        )
-    await client.close()
-    workers = [spawn(url, stream, tmp_path, processes, LEASE="30", CONCURRENCY="64") for _ in range(2)]
-    started = time.monotonic()
-    with anyio.fail_after(120):
-        while len(runs(tmp_path)) < total or await stream_messages(url, stream):
-            await anyio.sleep(0.2)
-    elapsed = time.monotonic() - started
-    for proc in workers:
-        proc.send_signal(signal.SIGTERM)
-    for proc in workers:
-        assert proc.wait(30) == 0, proc.stderr.read().decode() if proc.stderr else ""
-    lines = runs(tmp_path)
-    assert sorted(lines) == sorted(f"count {i}" for i in range(total))  # each ran exactly once
-    per_process = [len(path.read_text().splitlines()) for path in tmp_path.glob("runs-*.txt")]
-    assert len(per_process) == 2 and min(per_process) > 0  # both shared the work
-    assert elapsed < 40, f"10,000 messages took {elapsed:.1f}s"
-    print(f"10,000 messages through 2 worker processes in {elapsed:.1f}s ({total / elapsed:,.0f}/s)")
-    await queue.close()
-
-
 async def test_malformed_messages_are_dead_lettered_with_their_bytes_and_the_rest_run(url: str, stream: str) -> None:
     done: list[int] = []
 

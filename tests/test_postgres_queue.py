@@ -328,30 +328,6 @@ async def test_a_sigkilled_workers_messages_are_completed_by_another(table: str,
     await queue.close()
 
 
-async def test_two_worker_processes_complete_ten_thousand_messages_once(table: str, tmp_path: Path) -> None:
-    queue = make(table)
-    await queue.open()
-    total = 10_000
-    await queue.enqueue_many("count", [{"i": i} for i in range(total)])
-    started = time.monotonic()
-    workers = [start(table, tmp_path, CONCURRENCY="64", LEASE="10") for _ in range(2)]
-    try:
-        await wait_until(lambda: drained(queue), 120, "10,000 messages to be done")
-        elapsed = time.monotonic() - started
-        assert [stop(worker) for worker in workers] == [0, 0]
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-    done = lines(tmp_path, "done")
-    assert sorted(map(int, done)) == list(range(total))  # each exactly once
-    per_process = [len(path.read_text().splitlines()) for path in tmp_path.glob("done-*")]
-    assert len(per_process) == 2 and min(per_process) > 0, per_process
-    assert elapsed < 60, elapsed
-    print(f"2 processes x concurrency 64: {total} messages in {elapsed:.1f} s, split {per_process}")
-    await queue.close()
-
-
 # -- the job's transaction ------------------------------------------------------------------------
 
 

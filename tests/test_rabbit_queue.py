@@ -126,32 +126,6 @@ async def test_worker_killed_mid_job_is_redelivered_and_completed_by_another(
     await queue.close()
 
 
-async def test_two_worker_processes_share_10000_messages_exactly_once(
-    rabbit_url: str, name: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
-) -> None:
-    evidence = tmp_path / "evidence"
-    queue = RabbitQueue(rabbit_url, queue=name)
-    await queue.open()
-    started = time.monotonic()
-    await fill(queue, "count", 10_000)
-    filled = time.monotonic()
-    workers = [spawn(rabbit_url, name, evidence, processes, CONCURRENCY="64") for _ in range(2)]
-    await wait_for(lambda: len(lines(evidence, "count")) >= 10_000, 60, "10,000 executions")
-    drained = time.monotonic()
-    for proc in workers:
-        proc.send_signal(signal.SIGTERM)
-    for proc in workers:
-        assert proc.wait(30) == 0, proc.stderr.read().decode() if proc.stderr else ""
-    done = lines(evidence, "count")
-    counts = Counter(int(row[1]) for row in done)
-    assert len(counts) == 10_000 and set(counts.values()) == {1}
-    by_worker = Counter(row[2] for row in done)
-    assert set(by_worker) == {str(proc.pid) for proc in workers}  # both took a share
-    assert await backlog(rabbit_url, name) == 0
-    print(f"\nfill {filled - started:.1f} s, drain {drained - filled:.1f} s incl. start-up, by worker {dict(by_worker)}")
-    await queue.close()
-
-
 @job(name="count")
 async def count(i: int) -> None:
     pass

@@ -274,36 +274,6 @@ async def test_worker_killed_mid_job_is_reclaimed_and_completed_by_another(
     await queue.close()
 
 
-async def test_two_worker_processes_share_10000_messages_exactly_once(
-    redis_url: str, stream: str, redis: Redis, processes: list[subprocess.Popen[bytes]]
-) -> None:
-    total = 10_000
-    queue = make_queue(redis_url, stream)
-    async with redis.pipeline(transaction=False) as pipe:  # enqueue fast, in the queue's format
-        for i in range(total):
-            pipe.xadd(stream, {"job": "count", "payload": f'{{"i": {i}}}', "attempt": "1", "enqueued_at": "0"})
-        await pipe.execute()
-    workers = [spawn(redis_url, stream, processes, CLAIM_IDLE="30") for _ in range(2)]
-    started = time.monotonic()
-    with anyio.fail_after(240):
-        while await redis.hlen(f"{stream}:counts") < total or await pending_count(redis, stream):
-            await anyio.sleep(0.2)
-    elapsed = time.monotonic() - started
-    for proc in workers:
-        proc.send_signal(signal.SIGTERM)
-    for proc in workers:
-        assert proc.wait(30) == 0, proc.stderr.read().decode() if proc.stderr else ""
-    counts = await redis.hgetall(f"{stream}:counts")
-    assert len(counts) == total
-    assert set(counts.values()) == {"1"}  # each message ran exactly once
-    by_worker = await redis.hgetall(f"{stream}:by_worker")
-    assert len(by_worker) == 2 and all(int(n) > 0 for n in by_worker.values())  # both shared the work
-    assert sum(map(int, by_worker.values())) == total
-    assert await redis.xlen(stream) == 0
-    print(f"10,000 messages through 2 worker processes in {elapsed:.1f}s ({total / elapsed:,.0f}/s)")
-    await queue.close()
-
-
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_constructing_under_trio_is_a_clear_error(redis_url: str) -> None:
     with pytest.raises(LifecycleError, match="needs the asyncio backend.*running under trio"):

@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from lifecycle import Runtime, job
-from lifecycle.testing import Fault, FaultKind, FaultRun, InjectedFault, LeakError, Outcome, no_leaks
+from lifecycle.testing import Fault, FaultKind, FaultRun, InjectedFault, LeakError, RunOutcome, no_leaks
 from lifecycle.testing._explore import _oracle
 from lifecycle.testing._trace import Recorder
 
@@ -79,7 +79,7 @@ async def test_the_oracle_reports_a_missing_teardown_a_wrong_order_and_a_wrong_e
     recorder.body_end(error)
     recorder.teardown_begin(outer, None)  # outer first, and it saw nothing: both wrong
     recorder.teardown_end(outer, None)
-    run = FaultRun(fault, Outcome(result=None))
+    run = FaultRun(fault, RunOutcome(result=None))
     problems = _oracle(trace, run, probe)  # type: ignore[arg-type]
     assert "`inner` (app:inner) was set up but never torn down (a leak)" in problems
     assert "`outer` (app:outer) saw a normal exit at its yield; the contract says the injected fault" in problems
@@ -94,7 +94,7 @@ async def test_the_oracle_reports_a_double_teardown_and_reverse_order_breaches()
     for instance in (outer, inner, inner):
         recorder.teardown_begin(instance, None)
         recorder.teardown_end(instance, None)
-    problems = _oracle(trace, FaultRun(fault, Outcome(result=1)), probe)  # type: ignore[arg-type]
+    problems = _oracle(trace, FaultRun(fault, RunOutcome(result=1)), probe)  # type: ignore[arg-type]
     assert "`inner` (app:inner) was torn down 2 times" in problems
     assert any(p.startswith("teardown order was outer, inner, inner; the contract says") for p in problems)
 
@@ -109,5 +109,5 @@ async def test_the_oracle_reports_a_body_that_ran_after_a_failed_setup() -> None
     for instance in (inner, outer):
         recorder.teardown_begin(instance, caught.value)
         recorder.teardown_end(instance, caught.value)
-    problems = _oracle(trace, FaultRun(fault, Outcome(error=caught.value)), probe)  # type: ignore[arg-type]
+    problems = _oracle(trace, FaultRun(fault, RunOutcome(error=caught.value)), probe)  # type: ignore[arg-type]
     assert problems == ["the body of `probe` ran although a dependency's setup failed"]

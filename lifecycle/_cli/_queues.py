@@ -70,6 +70,27 @@ _QUEUE_HELP = (
     help="A message handed out more often (its workers died) is dead-lettered as poison.",
 )
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    metavar="PORT",
+    help="Serve Prometheus metrics at http://ADDRESS:PORT/metrics (needs the prometheus extra).",
+)
+@click.option(
+    "--health-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    metavar="PORT",
+    help="Serve /livez and /readyz health probes on this port.",
+)
+@click.option(
+    "--listen-address",
+    default="0.0.0.0",
+    show_default=True,
+    metavar="ADDRESS",
+    help="The address the metrics and health servers listen on.",
+)
+@click.option(
     "--no-schedules",
     is_flag=True,
     help="Only consume: do not enqueue the ticks of the jobs' schedules and TARGET's Schedule objects.",
@@ -86,6 +107,9 @@ def worker_command(
     poll_interval: float,
     max_deliveries: int,
     no_schedules: bool,
+    metrics_port: int | None,
+    health_port: int | None,
+    listen_address: str,
     **given: Any,
 ) -> None:
     """Consume the queue at URL, running every job in TARGET (or only TARGET:job),
@@ -96,6 +120,7 @@ def worker_command(
     \b
       lifecycle worker jobs.py --queue sqlite:///jobs.db --concurrency 32
       lifecycle worker jobs.py:send_email --queue redis://127.0.0.1:6379/0?stream=emails
+      lifecycle worker jobs.py --queue sqlite:///jobs.db --metrics-port 9000 --health-port 8080
     """
     config = settings(ctx, **given)
     queue = _queue(url)
@@ -125,10 +150,14 @@ def worker_command(
             poll_interval=poll_interval,
             max_deliveries=max_deliveries,
             schedules=schedules,
+            metrics_port=metrics_port,
+            metrics_address=listen_address,
+            health_port=health_port,
+            health_address=listen_address,
         )
         if no_schedules:
             worker.schedules, worker.scheduler = [], None
-    except LifecycleError as exc:
+    except (LifecycleError, ImportError) as exc:
         raise click.UsageError(redact(str(exc))) from None
     ctx.exit(anyio.run(_serve, worker, queue, backend=config["backend"]))
 

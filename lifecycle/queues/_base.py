@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import sniffio
 
 from .._errors import LifecycleError
+from .._observe import inject_headers
 
 if TYPE_CHECKING:
     from .._job import Job
@@ -309,7 +310,9 @@ def check_enqueue(
 def encode_headers(job: str | Job[..., Any], headers: Mapping[str, str] | None) -> str | None:
     """JSON text of ``enqueue``'s headers, or None for none. A header that is not a
     string, an empty name, or more than ``MAX_HEADERS_BYTES`` in all is a ``ValueError``
-    naming the job and the header, at the producer."""
+    naming the job and the header, at the producer. The current OpenTelemetry trace
+    context is added when there is one and the headers carry none (see ``_observe``)."""
+    headers = inject_headers(headers)
     if not headers:
         return None
     for name, value in headers.items():

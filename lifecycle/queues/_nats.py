@@ -40,8 +40,15 @@ lease clock per delivery. Invariants:
 - ``max_deliver`` (None: unlimited): the server's ``MaxDeliver`` is one more, so that
   the delivery past the limit reaches ``receive``, which dead-letters it (reason
   ``max_deliver``) instead of leaving it in the stream for ever.
+- A server killed -9 can come back with messages its consumer had acknowledged still
+  in the work stream (its deletions were not on disk, the consumer's ack floor was):
+  they would never be delivered, and never leave. Every (re)connection, and every
+  ``_SWEEP_EVERY`` seconds of a ``receive`` that found nothing, purges the streams
+  below their consumer's ack floor, where every message was acknowledged.
 - Transient failures (connection lost, timeout, no responders) raise
-  ``BrokerUnavailable``; nats-py reconnects by itself and keeps the subscriptions."""
+  ``BrokerUnavailable``; nats-py reconnects by itself and keeps the subscriptions
+  (after a reconnection the streams and consumers are checked again: the server may
+  have restarted without them)."""
 
 from __future__ import annotations
 
@@ -95,6 +102,7 @@ HEADERS = "Lifecycle-Headers"  # the enqueue's own headers, as one JSON text (no
 MSG_ID = "Nats-Msg-Id"
 _MAX_WAIT = 1.0  # seconds; a pull request never lingers longer (due delayed ones are moved meanwhile)
 _PROMOTE_EVERY = 0.1  # seconds between passes over the delayed stream
+_SWEEP_EVERY = 10.0  # seconds between sweeps of an idle queue (``NatsQueue._sweep_acknowledged``)
 _PROMOTE_BATCH = 256
 _MAX_ATTEMPT = re.compile(r"[1-9][0-9]{0,17}")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,200}")
@@ -302,6 +310,7 @@ class NatsQueue:
         self._work: _Puller | None = None
         self._delayed: _Puller | None = None
         self._last_promote = -math.inf
+        self._last_sweep = -math.inf
         self._held: dict[str, _Held] = {}
 
     # -- plumbing -----------------------------------------------------------------------
@@ -370,6 +379,9 @@ class NatsQueue:
 
             async def on_reconnected() -> None:
                 LOG.info("queue.reconnected", stream=self.stream, url=self.url)
+                # The server may have restarted: check the streams and consumers again,
+                # and sweep what its store brought back (``_sweep_acknowledged``).
+                self._ready = False
 
             with self._errors("connect"):
                 try:
@@ -465,10 +477,38 @@ class NatsQueue:
                     max_waiting=4096,
                 ),
             )
+        await self._sweep_acknowledged(js)
         if self._work is not None:
             self._work.consumer_gone = False
         self._ready = True
         return nc, js
+
+    async def _sweep_acknowledged(self, js: JetStreamContext) -> None:
+        """Delete the messages of the work and delayed streams that their consumer has
+        acknowledged already but the stream still holds.
+
+        A work-queue stream deletes a message when it is acknowledged, but a server
+        killed -9 can come back with the consumer's acknowledgements and without the
+        deletions (seen with nats-server 2.9: the consumer's ack floor survived, a
+        thousand acknowledged messages came back to the stream). The consumer never
+        delivers them again, so they would sit in the stream for ever, counted as
+        backlog. Every message up to the consumer's ack floor was acknowledged (that is
+        what the floor means), so purging below it removes only those. Done on every
+        (re)connection and every ``_SWEEP_EVERY`` seconds of an idle ``receive``: the
+        acknowledgements of messages redelivered after the restart can leave some
+        behind too."""
+        self._last_sweep = time.monotonic()
+        for name in (self.stream, self.delayed_stream):
+            floor = (await js.consumer_info(name, self.durable)).ack_floor
+            first = (await js.stream_info(name)).state.first_seq
+            if floor is not None and floor.stream_seq and first <= floor.stream_seq:
+                await js.purge_stream(name, seq=floor.stream_seq + 1)
+                LOG.warning(
+                    "queue.acknowledged_swept",
+                    stream=name,
+                    up_to_sequence=floor.stream_seq,
+                    reason="the server's store kept messages its consumer had acknowledged",
+                )
 
     async def _subscribe(self, nc: Client, stream: str) -> _Puller:
         inbox = nc.new_inbox()
@@ -688,7 +728,13 @@ class NatsQueue:
             if not work.buffer:
                 wait = min(max(timeout, 0.0), _MAX_WAIT)
                 await work.pull(nc, limit, wait, self.request_timeout)
-            return await self._hand_out(work, limit)
+            handed = await self._hand_out(work, limit)
+            if not handed and time.monotonic() - self._last_sweep >= _SWEEP_EVERY:
+                # Idle: nothing to deliver, so look for acknowledged messages a
+                # restarted server kept (they are never delivered, so never idle-free).
+                _, js = await self._client()
+                await self._sweep_acknowledged(js)
+            return handed
 
     async def _hand_out(self, work: _Puller, limit: int) -> list[Delivery]:
         lease = self.lease or 30.0

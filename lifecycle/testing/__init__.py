@@ -7,7 +7,7 @@ plugin (loaded automatically once lifecycle is installed) wraps them in fixtures
 ``lifecycle_runtime``, ``lifecycle_worker``, ``job_context``, ``lifecycle_leaks``,
 ``lifecycle_exploration`` (with ``@explore_faults``)."""
 
-from ._explore import Exploration, ExplorationFailed, FaultRun, Outcome, explore
+from ._explore import Exploration, ExplorationFailed, FaultRun, RunOutcome, explore
 from ._leaks import LeakError, no_leaks
 from ._marker import explore_faults
 from ._trace import Fault, FaultKind, InjectedFault
@@ -22,7 +22,7 @@ __all__ = [
     "FaultRun",
     "InjectedFault",
     "LeakError",
-    "Outcome",
+    "RunOutcome",
     "TestWorker",
     "explore",
     "explore_faults",
@@ -40,7 +40,7 @@ for _public in (
     FaultRun,
     InjectedFault,
     LeakError,
-    Outcome,
+    RunOutcome,
     TestWorker,
     explore,
     explore_faults,

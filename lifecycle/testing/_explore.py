@@ -41,7 +41,7 @@ _CANCELLED: Any = _Cancellation()
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class RunOutcome:
     """What the caller of one run saw.
 
     Attributes:
@@ -88,7 +88,7 @@ class FaultRun:
     """
 
     fault: Fault
-    outcome: Outcome
+    outcome: RunOutcome
     set_up: list[str] = field(default_factory=list)
     torn_down: list[str] = field(default_factory=list)
     seen: dict[str, BaseException | None] = field(default_factory=dict)
@@ -318,7 +318,7 @@ async def _run(
     extras: dict[str, Any] | None,
 ) -> FaultRun:
     trace = recorder.start(fault)
-    outcome: Outcome
+    outcome: RunOutcome
     with anyio.CancelScope() as scope:
         if fault.kind is FaultKind.CANCEL:
 
@@ -335,13 +335,13 @@ async def _run(
             else:
                 result = await Counted(rt.run_attempt(job, payload, extras), recorder)
         except Exception as exc:
-            outcome = Outcome(error=exc)
+            outcome = RunOutcome(error=exc)
         else:
-            outcome = Outcome(result=result)
+            outcome = RunOutcome(result=result)
         finally:
             recorder.on_suspend = None
     if scope.cancelled_caught:
-        outcome = Outcome(cancelled=True)
+        outcome = RunOutcome(cancelled=True)
     run = FaultRun(fault, outcome)
     if fault.kind is FaultKind.CANCEL and trace.cancel_phase is None:
         run.reached = False
@@ -474,7 +474,7 @@ def _passed_on(trace: Trace, attempt: int) -> Any:
     return current
 
 
-def _outcome_problems(expected: Any, outcome: Outcome, fault: Fault) -> list[str]:
+def _outcome_problems(expected: Any, outcome: RunOutcome, fault: Fault) -> list[str]:
     if fault.kind is FaultKind.CANCEL and outcome.cancelled and (expected is None or expected is _CANCELLED):
         return []  # the caller was cancelled: it may see that even after a finished job
     if expected is None:

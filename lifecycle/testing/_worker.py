@@ -104,6 +104,8 @@ class TestWorker(Worker):
             dependency_overrides=self.runtime.dependency_overrides,
             teardown_timeout=self.runtime.teardown_timeout,
             dependencies=self.runtime.dependencies,
+            tracer_provider=self.runtime.tracer_provider,
+            metrics=self.runtime.metrics,
         )
         self.recorded = recording
         self.memory_queue: MemoryQueue = self.queue  # type: ignore[assignment]

@@ -1,9 +1,10 @@
 """The chaos tests' machinery: a private ``redis-server`` that can be killed -9 and
-restarted in place, worker processes that can be killed and respawned, and the counts
-the tests assert on.
+restarted in place (the other brokers' private servers are in ``servers.py``), worker
+processes of any queue backend that can be killed and respawned, and the counts the
+tests assert on.
 
 Everything here is synchronous: the test process only injects faults and polls, while
-the workers under test run in their own processes (``worker_app.py``)."""
+the workers under test run in their own processes (``tests/queue_worker_app.py``)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import redis
 
-APP = Path(__file__).with_name("worker_app.py")
+APP = Path(__file__).parent.parent / "queue_worker_app.py"
 GROUP = "workers"
 RESULTS_ENV = "LIFECYCLE_CHAOS_RESULTS"  # a file to append each scenario's figures to (JSON lines)
 
@@ -51,6 +52,13 @@ def tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return f"(no {path.name})"
+
+
+class Server(Protocol):
+    """What the worker pool needs of a broker server: the URL its workers connect to."""
+
+    @property
+    def url(self) -> str: ...
 
 
 class RedisServer:
@@ -149,9 +157,10 @@ class RedisServer:
 
 @dataclass
 class WorkerPool:
-    """Worker processes (``worker_app.py``) on one stream, each logging to its own file."""
+    """Worker processes (``tests/queue_worker_app.py``) on one stream (or table, or queue: the
+    backend is the server URL's scheme), each logging to its own file."""
 
-    server: RedisServer
+    server: Server
     stream: str
     directory: Path
     env: dict[str, str] = field(default_factory=dict)

@@ -1,5 +1,6 @@
 """Fixtures of the chaos group: a private redis-server per test (with and without
-appendonly) and the worker processes under test.
+appendonly) and the worker processes under test. (The other brokers' private servers
+are fixtures of ``test_broker_restarts.py``, from ``servers.py``.)
 
 Without a ``redis-server`` binary the group is skipped with the reason; under CI=true
 that is a failure (as ``require_service`` does for the shared services)."""

@@ -2,7 +2,7 @@
 restarted, its connections killed, stalled past the socket timeout.
 
 Each test enqueues a batch of ``count`` jobs, starts worker processes
-(``worker_app.py``), injects the fault mid-drain and asserts with counts: every job
+(``tests/queue_worker_app.py``), injects the fault mid-drain and asserts with counts: every job
 ran at least once, duplicates only where the fault lost acknowledgements or outlasted
 every lease (each bounded by what it can explain), no worker exited (checked on every poll; at the end each exits 0 on SIGTERM), nothing is
 left pending, and no dead letters (there is no poison here)."""

@@ -1,15 +1,20 @@
-"""A worker process for the chaos tests: ``python tests/chaos/worker_app.py URL STREAM``.
+"""A worker process for the multi-process queue tests (``tests/test_queue_workers.py``)
+and the chaos tests: ``python tests/queue_worker_app.py URL NAME``.
 
-It runs ``lifecycle``'s Worker on a RedisStreamQueue with the library's defaults
-(heartbeats included), configured only through the environment:
+It runs ``lifecycle``'s Worker with the library's defaults (heartbeats included) on the
+queue NAME of the broker the URL's scheme names (``broker_probes.make_queue``: Redis,
+PostgreSQL, RabbitMQ, NATS JetStream or SQLite). It is configured only through the
+environment:
 
 - ``RECORD_DIR``: where each job appends one line per execution, to ``<pid>.log``;
-- ``CLAIM_IDLE`` (seconds, default 2), ``CONCURRENCY`` (default 16),
-  ``POLL_INTERVAL`` (seconds, default 0.5).
+- ``CLAIM_IDLE`` (seconds, default 2): the lease (Redis's ``claim_idle``, the other
+  backends' ``lease``); ``CONCURRENCY`` (default 16), ``POLL_INTERVAL`` (seconds,
+  default 0.5); ``BROKER_BACKOFF_MAX`` (seconds, default the Worker's): the cap on the
+  wait between attempts to reach a broker that is down.
 
-Why executions are counted in a local file and not in Redis: the chaos tests kill -9
-the Redis server, and without appendonly that loses whatever the jobs wrote there, so
-counts kept in Redis could not tell "ran once" from "ran twice, one count lost". A line
+Why executions are counted in a local file and not in the broker: the chaos tests kill
+-9 the broker, and (Redis without appendonly) that can lose whatever the jobs wrote
+there, so counts kept in the broker could not tell "ran once" from "ran twice, one count lost". A line
 written with ``os.write`` to an ``O_APPEND`` descriptor is in the kernel as soon as the
 call returns: it survives a SIGKILL of this process (the other fault injected here)
 and lines from one process never interleave. fsync would only protect against the
@@ -31,9 +36,9 @@ from typing import Annotated, Any
 
 import anyio
 import structlog
+from broker_probes import make_queue
 
 from lifecycle import Depends, Reject, Worker, dependency, job
-from lifecycle.queues import RedisStreamQueue
 
 
 class Recorder:
@@ -93,12 +98,17 @@ async def main(url: str, stream: str) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
     )
-    queue = RedisStreamQueue(url, stream=stream, group="workers", claim_idle=float(os.environ.get("CLAIM_IDLE", "2")))
+    queue = make_queue(url, stream)
     worker = Worker(
         queue,
         [count, long, poison],
         concurrency=int(os.environ.get("CONCURRENCY", "16")),
         poll_interval=float(os.environ.get("POLL_INTERVAL", "0.5")),
+        **(
+            {"broker_backoff_max": float(os.environ["BROKER_BACKOFF_MAX"])}
+            if "BROKER_BACKOFF_MAX" in os.environ
+            else {}
+        ),
     )
     async with anyio.create_task_group() as tg:
 
