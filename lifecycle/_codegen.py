@@ -37,6 +37,7 @@ _serial = itertools.count(1)
 _HELPERS: dict[str, Any] = {
     "unwind": _engine.unwind,
     "resume_unwind": _engine.resume_unwind,
+    "resume_failure": _engine.resume_failure,
     "no_yield": _engine.no_yield_error,
     "setup_threaded": _engine.setup_threaded,
     "call_body_threaded": _engine.call_body_threaded,
@@ -50,7 +51,7 @@ _HELPERS: dict[str, Any] = {
 }
 # Names the generated code uses for itself: a dependency never gets one of these.
 _LOCALS = {"run", "payload", "extras", "ctx", "host", "log", "trace", "wv", "stack", "push", "guard", "result"}
-_LOCALS |= {"armed", "wd", "err", "exc", "t", "job", "exits"}
+_LOCALS |= {"armed", "wd", "err", "exc", "t", "job", "exits", "depth"}
 _RESERVED = frozenset(_HELPERS) | _LOCALS | frozenset(dir(builtins)) | frozenset(keyword.kwlist)
 
 
@@ -291,6 +292,47 @@ def _clean_teardown(w: _Writer, names: _Names, plan: Plan, guard: str) -> None:
             w.line(f"wd.disarm({guard})")
 
 
+def _failure_teardown(w: _Writer, names: _Names, plan: Plan, guard: str) -> None:
+    """Teardown after a failed setup or body, spelled out per generator: ``exc`` is
+    thrown into each generator that was set up (``depth`` of them), innermost first.
+    While each one re-raises ``exc`` itself, nothing else is needed; at the first that
+    does anything else (raises another error, swallows ``exc``, yields again, overruns)
+    the rest goes to the general ``unwind`` through ``resume_failure``, which raises."""
+    generators = [names.generators[slot] for slot in sorted(names.generators)]
+    watched = guard != "None" and any(provider.teardown == Teardown.ASYNC for provider in plan.exits)
+    if watched:
+        w.line("armed = False")
+        w.line("wd = host._watchdog")
+    w.line("depth = len(stack)")
+    for index in reversed(range(len(plan.exits))):
+        gen = generators[index]
+        is_async = plan.exits[index].teardown == Teardown.ASYNC
+        with w.block(f"if depth > {index}:"):
+            if is_async and watched:
+                with w.block("if wd is not None:"):
+                    w.line(f"wd.arm({guard})")
+                    w.line("armed = True")
+            with w.block("try:"):
+                w.line(f"await {gen}.athrow(exc)" if is_async else f"{gen}.throw(exc)")
+            with w.block(f"except {'StopAsyncIteration' if is_async else 'StopIteration'}:"):
+                w.line(_hand_over_failure(index, "FINISHED", "None", guard, watched))
+            with w.block("except BaseException as err:"):
+                # Only the watchdog can make a re-raised ``exc`` an overrun.
+                overran = f" or (armed and wd.fired({guard}))" if is_async and watched else ""
+                with w.block(f"if err is not exc{overran}:"):
+                    w.line(_hand_over_failure(index, "RAISED", "err", guard, watched))
+            with w.block("else:"):
+                w.line(_hand_over_failure(index, "YIELDED", "None", guard, watched))
+    if watched:
+        with w.block("if armed:"):
+            w.line(f"wd.disarm({guard})")
+
+
+def _hand_over_failure(index: int, happened: str, error: str, guard: str, watched: bool) -> str:
+    armed = "armed" if watched else "False"
+    return f"await resume_failure(stack, exits, {index}, {happened}, {error}, exc, job, {guard}, host, log, {armed})"
+
+
 def _function(w: _Writer, names: _Names, plan: Plan, traced: bool) -> None:
     with w.block("async def run(payload, extras, ctx, host, log):"):
         w.line(f"# job {plan.job_name!r} ({plan.job_label}){' with a debug event per dependency' if traced else ''}")
@@ -318,8 +360,12 @@ def _function(w: _Writer, names: _Names, plan: Plan, traced: bool) -> None:
             with w.block("except BaseException as exc:"):
                 if plan.guarded:
                     w.line("guard.shield = True")
-                w.line(f"await unwind(stack, exits, exc, job, {guard}, host, log, {trace})")
-                w.line("raise  # unwind() re-raises; this line is not reached")
+                if traced or any(provider.teardown == Teardown.THREADED for provider in plan.exits):
+                    w.line(f"await unwind(stack, exits, exc, job, {guard}, host, log, {trace})")
+                    w.line("raise  # unwind() re-raises; this line is not reached")
+                else:
+                    _failure_teardown(w, names, plan, guard)
+                    w.line("raise")
             if plan.guarded:
                 w.line("guard.shield = True")
             if traced or any(provider.teardown == Teardown.THREADED for provider in plan.exits):

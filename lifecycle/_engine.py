@@ -314,16 +314,18 @@ def ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
 
-RAISED, YIELDED, FINISHED = 0, 1, 2  # what went wrong in a generated clean teardown (see resume_unwind)
+RAISED, YIELDED, FINISHED = 0, 1, 2  # how a teardown the generated code ran ended (see resume_unwind, resume_failure)
 
 
-async def _resumed(entry: Any, mode: Teardown, happened: int, error: BaseException | None) -> int:
-    """The status of a teardown the generated clean path already ran."""
+async def _resumed(
+    entry: Any, mode: Teardown, happened: int, error: BaseException | None, pending: BaseException | None
+) -> int:
+    """The status of a teardown the generated code already ran (``pending`` was thrown in)."""
     if happened == RAISED:
         assert error is not None
         raise error
-    if happened == FINISHED:  # but the watchdog fired meanwhile
-        return DONE
+    if happened == FINISHED:  # the clean path: the watchdog fired meanwhile; else swallowed
+        return SWALLOWED if pending is not None else DONE
     if mode is _ASYNC:
         await entry.aclose()
     else:
@@ -376,7 +378,7 @@ async def unwind(
                         armed = True
                     try:
                         if given is not None:
-                            status = await _resumed(entry, mode, *given)
+                            status = await _resumed(entry, mode, *given, pending)
                         else:
                             status = await _finish(provider, entry, pending)
                     except BaseException:
@@ -438,3 +440,23 @@ async def resume_unwind(
     if an outer dependency swallows the error, as with nested ``async with``."""
     del stack[index + 1 :]
     await unwind(stack, exits, None, job, guard, host, log, None, armed, (happened, error))
+
+
+async def resume_failure(
+    stack: list[Any],
+    exits: tuple[Provider, ...],
+    index: int,
+    happened: int,
+    error: BaseException | None,
+    exc: BaseException,
+    job: str,
+    guard: CancelScope | None,
+    host: Host,
+    log: Any,
+    armed: bool,
+) -> None:
+    """Hand the generated failure teardown over to ``unwind`` at ``exits[index]``, into
+    which ``exc`` was thrown (``happened`` says with what result); every generator above
+    it re-raised ``exc`` itself. Always raises: the job failed."""
+    del stack[index + 1 :]
+    await unwind(stack, exits, exc, job, guard, host, log, None, armed, (happened, error))
