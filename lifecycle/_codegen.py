@@ -40,6 +40,7 @@ _HELPERS: dict[str, Any] = {
     "resume_failure": _engine.resume_failure,
     "no_yield": _engine.no_yield_error,
     "setup_threaded": _engine.setup_threaded,
+    "setup_batch": _engine.setup_batch,
     "call_body_threaded": _engine.call_body_threaded,
     "start_threaded_generator": _engine.start_threaded_generator,
     "RAISED": _engine.RAISED,
@@ -219,6 +220,66 @@ def _setup(w: _Writer, names: _Names, step: Step, traced: bool) -> None:
         w.line(f"trace.debug('dependency.setup', dependency={provider.label!r}, duration_ms=ms_since(t))")
 
 
+def _batches(steps: Sequence[Step]) -> list[list[Step]]:
+    """The steps in order, in runs: consecutive threaded sync setups form one run (one
+    thread hop, ``_engine.setup_batch``); every other step is a run of its own."""
+    runs: list[list[Step]] = []
+    for step in steps:
+        if _batchable(step) and runs and _batchable(runs[-1][-1]):
+            runs[-1].append(step)
+        else:
+            runs.append([step])
+    return runs
+
+
+def _batchable(step: Step) -> bool:
+    return step.worker is None and step.provider.threaded
+
+
+def _setup_batch(w: _Writer, names: _Names, run: Sequence[Step], stack: str) -> None:
+    """One thread hop for consecutive threaded setups: each argument is an input of the
+    hop (computed on the loop) or the value of an earlier step of the same hop."""
+    produced = {step.slot: index for index, step in enumerate(run)}
+    inputs: list[str] = []
+    where: dict[str, int] = {}
+
+    def refer(tag: Arg, ref: Any) -> tuple[bool, int]:
+        if tag == Arg.SLOT and ref in produced:
+            return (True, produced[ref])
+        expression = names.source(tag, ref)
+        if expression not in where:
+            where[expression] = len(inputs)
+            inputs.append(expression)
+        return (False, where[expression])
+
+    items = tuple(
+        _engine.BatchItem(
+            step.provider,
+            tuple(refer(*source) for source in step.arguments.positional),
+            tuple((name, refer(*source)) for name, source in step.arguments.keyword),
+        )
+        for step in run
+    )
+    batch = w.bind(names.values[run[0].slot] + "_batch", items)
+    values = ", ".join(names.values[step.slot] for step in run)  # a run has two steps or more
+    given = ", ".join(inputs) + ("," if len(inputs) == 1 else "")
+    labels = ", ".join(step.provider.label for step in run)
+    w.line(f"{values} = await setup_batch({batch}, ({given}), {stack}, job)  # one thread hop: {labels}")
+
+
+def _setups(w: _Writer, names: _Names, plan: Plan, traced: bool) -> None:
+    # The traced runner keeps one hop per step, so each gets its own duration.
+    if traced:
+        for step in plan.steps:
+            _setup(w, names, step, traced)
+        return
+    for run in _batches(plan.steps):
+        if len(run) > 1:
+            _setup_batch(w, names, run, "stack" if plan.exits else "None")
+        else:
+            _setup(w, names, run[0], traced)
+
+
 def _body(w: _Writer, names: _Names, plan: Plan) -> None:
     body, arguments = plan.body, plan.body_arguments
     # ``extras`` (arguments only a ``**kwargs`` parameter takes) is None unless the job
@@ -341,8 +402,7 @@ def _function(w: _Writer, names: _Names, plan: Plan, traced: bool) -> None:
         if any(step.worker is not None for step in plan.steps):
             w.line("wv = host._worker_values")
         if not plan.exits:
-            for step in plan.steps:
-                _setup(w, names, step, traced)
+            _setups(w, names, plan, traced)
             _body(w, names, plan)
             w.line("return result")
             return
@@ -354,8 +414,7 @@ def _function(w: _Writer, names: _Names, plan: Plan, traced: bool) -> None:
             if plan.guarded:
                 guarded.enter_context(w.block("with host._scope_class() as guard:"))
             with w.block("try:"):
-                for step in plan.steps:
-                    _setup(w, names, step, traced)
+                _setups(w, names, plan, traced)
                 _body(w, names, plan)
             with w.block("except BaseException as exc:"):
                 if plan.guarded:
