@@ -185,23 +185,29 @@ class BatchItem(NamedTuple):
 
 
 class _Ran(NamedTuple):
-    values: list[Any]  # the values of the steps that completed, in order
     contexts: list[contextvars.Context]  # a Context per step to merge, in order
     entries: list[Any]  # per context: the ThreadedGen to push, or None
     error: BaseException | None  # what stopped the batch (the steps after it did not run)
 
 
 def _run_batch(
-    items: Sequence[BatchItem], inputs: Sequence[Any], ctx: contextvars.Context, stop_at: float | None, job: str
+    items: Sequence[BatchItem],
+    inputs: Sequence[Any],
+    values: list[Any],
+    ctx: contextvars.Context,
+    stop_at: float | None,
+    job: str,
 ) -> _Ran:
-    """The worker thread's side of ``setup_batch``; never raises."""
-    ran = _Ran([], [], [], None)
-    values = ran.values
-    for index, item in enumerate(items):
-        if index:
+    """The worker thread's side of ``setup_batch``: runs the steps from
+    ``len(values)`` on, appending their values; never raises."""
+    ran = _Ran([], [], None)
+    first = len(values)
+    for index in range(first, len(items)):
+        if index > first:
             if stop_at is not None and time.perf_counter() >= stop_at:
                 break  # the job's deadline passed: start nothing more
             ctx = ctx.copy()
+        item = items[index]
         args = [values[i] if produced else inputs[i] for produced, i in item.positional]
         kwargs = {name: values[i] if produced else inputs[i] for name, (produced, i) in item.keyword}
         provider = item.provider
@@ -232,25 +238,29 @@ async def setup_batch(
     """Set up consecutive threaded sync dependencies of a job in one thread hop; returns
     their values in order. Generators started are pushed onto ``stack`` even when a
     later step fails, so they are torn down with that failure thrown in."""
-    deadline = anyio.current_effective_deadline()
-    stop_at = None
-    if -math.inf < deadline < math.inf:  # the same moment on the thread's clock
-        stop_at = time.perf_counter() + (deadline - anyio.current_time())
-    ran = await anyio.to_thread.run_sync(_run_batch, items, inputs, contextvars.copy_context(), stop_at, job)
-    for context, entry in zip(ran.contexts, ran.entries, strict=True):
-        if entry is not None:
-            _merge_into_current(context, entry.tokens)
-            stack.append(entry)  # type: ignore[union-attr]  # a plan with generators has a stack
-        else:
-            _merge_into_current(context, None)
-    if ran.error is not None:
-        raise ran.error
-    if len(ran.values) < len(items):
-        # Stopped at the deadline, measured on the thread's clock: its cancellation is
-        # due now (or within the clocks' difference), so this wait ends in it.
-        await anyio.sleep_forever()
-    await deliver_due_cancellation()
-    return ran.values
+    values: list[Any] = []
+    while True:
+        deadline = anyio.current_effective_deadline()
+        stop_at = None
+        if -math.inf < deadline < math.inf:  # the same moment on the thread's clock
+            stop_at = time.perf_counter() + (deadline - anyio.current_time())
+        ran = await anyio.to_thread.run_sync(
+            _run_batch, items, inputs, values, contextvars.copy_context(), stop_at, job
+        )
+        for context, entry in zip(ran.contexts, ran.entries, strict=True):
+            if entry is not None:
+                _merge_into_current(context, entry.tokens)
+                stack.append(entry)  # type: ignore[union-attr]  # a plan with generators has a stack
+            else:
+                _merge_into_current(context, None)
+        if ran.error is not None:
+            raise ran.error
+        await deliver_due_cancellation()
+        if len(values) == len(items):
+            return values
+        # The thread stopped at the deadline by its clock, but on the loop's it is not
+        # due (the clocks differ by µs, or someone moved the deadline): go on. Each hop
+        # runs at least one step, so this ends.
 
 
 # -- generators ------------------------------------------------------------------------
