@@ -319,3 +319,24 @@ def test_a_batch_matches_running_its_steps_one_by_one(backend: str, kinds: list[
 
     outcome = anyio.run(main, backend=backend)
     assert (events, outcome) == oracle(kinds)
+
+
+def test_a_hop_past_the_deadline_still_runs_one_step_so_a_batch_always_progresses() -> None:
+    # setup_batch hops again when the thread stopped at a deadline the loop does not
+    # see as due yet (the clocks differ, or the deadline moved): each hop runs at least
+    # its first step, so that loop ends.
+    from lifecycle._analysis import analyse
+    from lifecycle._engine import BatchItem, _run_batch
+
+    def one() -> int:
+        return 1
+
+    def two(a: int) -> int:
+        return a + 1
+
+    items = [BatchItem(analyse(one), (), ()), BatchItem(analyse(two), ((True, 0),), ())]
+    values: list[Any] = []
+    for expected in ([1], [1, 2]):
+        ran = _run_batch(items, (), values, contextvars.copy_context(), 0.0, "job")  # deadline long past
+        assert ran.error is None
+        assert values == expected
