@@ -13,6 +13,7 @@ rounds of the mean µs per job within a round."""
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib.metadata
 import logging
@@ -166,7 +167,7 @@ async def check(job: JobFn, worker_pool: bool) -> str | None:
     # With a worker-scoped pool, its one setup may land in this first job; it is not
     # torn down per job, so it takes no part in the order check.
     setups = [e[1:] for e in EVENTS if e.startswith("+") and not (worker_pool and e == "+pool")]
-    teardowns = [e[1:].removesuffix("(commit)") for e in EVENTS if e.startswith("-")]
+    teardowns = [e[1:].removesuffix("(commit)").removesuffix("(rollback)") for e in EVENTS if e.startswith("-")]
     expected = ["conn", "tx", "cache", "sync_gen"] if worker_pool else ["pool", "conn", "tx", "cache", "sync_gen"]
     problems = []
     if result != 1:
@@ -221,6 +222,155 @@ def paired_ratio(samples: list[float], floor: list[float]) -> float:
     """Median over rounds of (library / floor) within the same round: on a shared
     machine whose speed drifts between rounds, this is steadier than a ratio of medians."""
     return statistics.median(value / base for value, base in zip(samples, floor, strict=True))
+
+
+# -- the failure path and the one-dependency job ---------------------------------------------
+
+
+class Failed(Exception):
+    """What the failing job's body raises."""
+
+
+async def _failing_floor() -> int:
+    async with AsyncExitStack() as stack:
+        cfg = trees._config()
+        p = await stack.enter_async_context(trees._pool())
+        c = await stack.enter_async_context(trees._conn(p))
+        t = await stack.enter_async_context(trees._tx(c))
+        ca = await stack.enter_async_context(trees._cache(cfg))
+        ck = await trees._clock()
+        s = stack.enter_context(trees._sync_gen())
+        await trees._handle(1, (t, ca), "logger", ck, s)
+        raise Failed
+
+
+def failing_candidates() -> list[Candidate]:
+    """The mixed tree whose body raises after its dependencies are set up: every
+    generator gets the exception thrown in at its ``yield`` and re-raises it. lifecycle
+    runs it with ``run_attempt`` (one attempt, as a queue worker does: ``run`` adds the
+    retry decision and the ``job.failed`` event with its traceback, which is logging
+    cost, not the engine's)."""
+
+    async def floor() -> tuple[JobFn, Any]:
+        return _failing_floor, None
+
+    def lifecycle_failing(threaded: bool) -> Any:
+        async def make() -> tuple[JobFn, Any]:
+            import inspect
+
+            inline = (lambda f: f) if threaded else lifecycle.dependency(threaded=False)
+            handle = trees.make_tree(lifecycle.Depends, inline)
+
+            async def body(**arguments: Any) -> int:
+                raise Failed
+
+            body.__signature__ = inspect.signature(handle)  # type: ignore[attr-defined]
+            job = lifecycle.job(name="failing")(body)
+            rt = lifecycle.Runtime()
+            await rt.__aenter__()
+            return (lambda: rt.run_attempt(job, {"user_id": 1})), (lambda: rt.__aexit__(None, None, None))
+
+        return make
+
+    async def dishka() -> tuple[JobFn, Any]:
+        from dishka import make_async_container
+
+        container = make_async_container(trees.make_dishka_provider("job"))
+
+        async def job() -> int:
+            async with container() as request:
+                await trees._handle(
+                    1,
+                    await request.get(trees.Repo),
+                    await request.get(trees.Logger),
+                    await request.get(trees.Clock),
+                    await request.get(trees.SyncGen),
+                )
+                raise Failed
+
+        return job, container.close
+
+    return [
+        ("hand-written AsyncExitStack (floor)", floor),
+        ("lifecycle (sync inline)", lifecycle_failing(False)),
+        ("lifecycle (sync threaded, default)", lifecycle_failing(True)),
+        ("dishka", dishka),
+    ]
+
+
+async def measure_failing(backend: str, rounds: int, jobs: int) -> list[dict[str, Any]]:
+    """Like ``measure``, for jobs that must raise ``Failed`` (checked before timing)."""
+
+    async def expect_failure(job: JobFn) -> Any:
+        try:
+            await job()
+        except Failed:
+            return 1
+        raise AssertionError("the failing job did not raise Failed")
+
+    async def wrapped(make: Any) -> tuple[JobFn, Any]:
+        job, close = await make()
+        return (lambda: expect_failure(job)), close
+
+    entries: list[Candidate] = [(name, functools.partial(wrapped, make)) for name, make in failing_candidates()]
+    return await measure(entries, backend, rounds, jobs)
+
+
+async def measure_one_dependency(rounds: int, jobs: int) -> list[dict[str, Any]]:
+    """A job with exactly one dependency, against the same by hand: an async
+    generator awaiting in its teardown, an async function, and a sync function
+    (lifecycle: inline and, the default, threaded). The fixed per-job cost shows here."""
+
+    async def agen() -> Any:
+        yield 1
+        await _release()
+
+    async def afunc() -> int:
+        return 1
+
+    def sfunc() -> int:
+        return 1
+
+    managed = asynccontextmanager(agen)
+
+    async def floor_agen() -> int:
+        async with AsyncExitStack() as stack:
+            return int(await stack.enter_async_context(managed()))
+
+    async def floor_afunc() -> int:
+        return await afunc()
+
+    async def floor_sfunc() -> int:
+        return sfunc()
+
+    async def floor_threaded() -> int:
+        return int(await anyio.to_thread.run_sync(sfunc))
+
+    shapes = [
+        ("async generator (awaits in teardown)", agen, floor_agen),
+        ("async function", afunc, floor_afunc),
+        ("sync function, threaded=False", lifecycle.dependency(threaded=False)(lambda: sfunc()), floor_sfunc),
+        ("sync function, threaded (default; floor: one to_thread.run_sync)", lambda: sfunc(), floor_threaded),
+    ]
+    rows = []
+    for label, provider, by_hand in shapes:
+
+        async def body(x: int = lifecycle.Depends(provider)) -> int:
+            return x
+
+        handle = lifecycle.job(name="one")(body)
+
+        async def make_lc(handle: Any = handle) -> tuple[JobFn, Any]:
+            rt = lifecycle.Runtime()
+            await rt.__aenter__()
+            return (lambda: rt.run(handle)), (lambda: rt.__aexit__(None, None, None))
+
+        async def make_floor(by_hand: Any = by_hand) -> tuple[JobFn, Any]:
+            return by_hand, None
+
+        results = await _time_plain([("floor", make_floor), ("lifecycle", make_lc)], rounds, jobs)
+        rows.append({"shape": label, **results})
+    return rows
 
 
 # -- scaling: width and depth -------------------------------------------------------------
@@ -527,6 +677,17 @@ async def main_async(args: argparse.Namespace, backend: str, lines: list[str]) -
     lines.append(f"### Mixed tree with `pool` worker-scoped, {backend}")
     lines.append("")
     lines += table(await measure(candidates(True), backend, args.rounds, args.jobs, worker_pool=True))
+    lines.append("")
+    lines.append(f"### Failing job: the mixed tree whose body raises, {backend}")
+    lines.append("")
+    lines += table(await measure_failing(backend, args.rounds, args.jobs))
+    lines.append("")
+    lines.append(f"### One-dependency job, {backend}")
+    lines.append("")
+    lines.append("| the one dependency | floor µs/job | lifecycle µs/job | × floor |")
+    lines.append("|---|---:|---:|---:|")
+    for row in await measure_one_dependency(args.rounds, args.jobs):
+        lines.append(f"| {row['shape']} | {row['floor']:.1f} | {row['lifecycle']:.1f} | {row['ratio']:.2f} |")
     lines.append("")
     lines.append(f"### Scaling with tree shape (async generators awaiting in teardown), {backend}")
     lines.append("")

@@ -5,8 +5,9 @@ teardown), cache (async generator on config), logger (sync on config), clock (as
 function), repo (sync on tx and cache), a sync generator, and a job taking repo,
 logger, clock, the sync generator and ``user_id: int``.
 
-Every provider records its setup (``+name``) and teardown (``-name``) in ``EVENTS`` so
-that each library can be checked before it is timed."""
+Every provider records its setup (``+name``) and teardown (``-name``, in a ``finally``;
+``tx`` commits on a normal exit and records a rollback when an exception is thrown in) in
+``EVENTS`` so that each library can be checked before it is timed, failing jobs too."""
 
 from __future__ import annotations
 
@@ -36,23 +37,33 @@ def make_tree(depends: Callable[..., Any], inline: Callable[[Any], Any] = lambda
 
     async def pool() -> AsyncIterator[str]:
         EVENTS.append("+pool")
-        yield "pool"
-        EVENTS.append("-pool")
+        try:
+            yield "pool"
+        finally:
+            EVENTS.append("-pool")
 
     async def conn(p: str = depends(pool)) -> AsyncIterator[str]:
         EVENTS.append("+conn")
-        yield "conn"
-        EVENTS.append("-conn")
+        try:
+            yield "conn"
+        finally:
+            EVENTS.append("-conn")
 
     async def tx(c: str = depends(conn)) -> AsyncIterator[str]:
         EVENTS.append("+tx")
-        yield "tx"
+        try:
+            yield "tx"
+        except BaseException:
+            EVENTS.append("-tx(rollback)")
+            raise
         await commit()
 
     async def cache(cfg: dict[str, str] = depends(config)) -> AsyncIterator[str]:
         EVENTS.append("+cache")
-        yield "cache"
-        EVENTS.append("-cache")
+        try:
+            yield "cache"
+        finally:
+            EVENTS.append("-cache")
 
     @inline
     def logger(cfg: dict[str, str] = depends(config)) -> str:
@@ -68,8 +79,10 @@ def make_tree(depends: Callable[..., Any], inline: Callable[[Any], Any] = lambda
     @inline
     def sync_gen() -> Iterator[str]:
         EVENTS.append("+sync_gen")
-        yield "sync_gen"
-        EVENTS.append("-sync_gen")
+        try:
+            yield "sync_gen"
+        finally:
+            EVENTS.append("-sync_gen")
 
     async def handle(
         user_id: int,
@@ -95,36 +108,48 @@ def _config() -> dict[str, str]:
 @asynccontextmanager
 async def _pool() -> AsyncIterator[str]:
     EVENTS.append("+pool")
-    yield "pool"
-    EVENTS.append("-pool")
+    try:
+        yield "pool"
+    finally:
+        EVENTS.append("-pool")
 
 
 @asynccontextmanager
 async def _conn(p: str) -> AsyncIterator[str]:
     EVENTS.append("+conn")
-    yield "conn"
-    EVENTS.append("-conn")
+    try:
+        yield "conn"
+    finally:
+        EVENTS.append("-conn")
 
 
 @asynccontextmanager
 async def _tx(c: str) -> AsyncIterator[str]:
     EVENTS.append("+tx")
-    yield "tx"
+    try:
+        yield "tx"
+    except BaseException:
+        EVENTS.append("-tx(rollback)")
+        raise
     await commit()
 
 
 @asynccontextmanager
 async def _cache(cfg: dict[str, str]) -> AsyncIterator[str]:
     EVENTS.append("+cache")
-    yield "cache"
-    EVENTS.append("-cache")
+    try:
+        yield "cache"
+    finally:
+        EVENTS.append("-cache")
 
 
 @contextmanager
 def _sync_gen() -> Iterator[str]:
     EVENTS.append("+sync_gen")
-    yield "sync_gen"
-    EVENTS.append("-sync_gen")
+    try:
+        yield "sync_gen"
+    finally:
+        EVENTS.append("-sync_gen")
 
 
 async def _clock() -> float:
@@ -174,26 +199,36 @@ def make_dishka_provider(pool_scope: str) -> Any:
         @provide(scope=Scope.APP if pool_scope == "worker" else Scope.REQUEST)
         async def pool(self) -> AsyncIterator[Pool]:
             EVENTS.append("+pool")
-            yield Pool("pool")
-            EVENTS.append("-pool")
+            try:
+                yield Pool("pool")
+            finally:
+                EVENTS.append("-pool")
 
         @provide(scope=Scope.REQUEST)
         async def conn(self, p: Pool) -> AsyncIterator[Conn]:
             EVENTS.append("+conn")
-            yield Conn("conn")
-            EVENTS.append("-conn")
+            try:
+                yield Conn("conn")
+            finally:
+                EVENTS.append("-conn")
 
         @provide(scope=Scope.REQUEST)
         async def tx(self, c: Conn) -> AsyncIterator[Tx]:
             EVENTS.append("+tx")
-            yield Tx("tx")
+            try:
+                yield Tx("tx")
+            except BaseException:
+                EVENTS.append("-tx(rollback)")
+                raise
             await commit()
 
         @provide(scope=Scope.REQUEST)
         async def cache(self, cfg: Config) -> AsyncIterator[Cache]:
             EVENTS.append("+cache")
-            yield Cache("cache")
-            EVENTS.append("-cache")
+            try:
+                yield Cache("cache")
+            finally:
+                EVENTS.append("-cache")
 
         @provide(scope=Scope.REQUEST)
         def logger(self, cfg: Config) -> Logger:
@@ -210,8 +245,10 @@ def make_dishka_provider(pool_scope: str) -> Any:
         @provide(scope=Scope.REQUEST)
         def sync_gen(self) -> Iterator[SyncGen]:
             EVENTS.append("+sync_gen")
-            yield SyncGen("sync_gen")
-            EVENTS.append("-sync_gen")
+            try:
+                yield SyncGen("sync_gen")
+            finally:
+                EVENTS.append("-sync_gen")
 
     return Tree()
 

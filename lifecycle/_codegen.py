@@ -37,8 +37,10 @@ _serial = itertools.count(1)
 _HELPERS: dict[str, Any] = {
     "unwind": _engine.unwind,
     "resume_unwind": _engine.resume_unwind,
+    "resume_failure": _engine.resume_failure,
     "no_yield": _engine.no_yield_error,
     "setup_threaded": _engine.setup_threaded,
+    "setup_batch": _engine.setup_batch,
     "call_body_threaded": _engine.call_body_threaded,
     "start_threaded_generator": _engine.start_threaded_generator,
     "RAISED": _engine.RAISED,
@@ -50,7 +52,7 @@ _HELPERS: dict[str, Any] = {
 }
 # Names the generated code uses for itself: a dependency never gets one of these.
 _LOCALS = {"run", "payload", "extras", "ctx", "host", "log", "trace", "wv", "stack", "push", "guard", "result"}
-_LOCALS |= {"armed", "wd", "err", "exc", "t", "job", "exits"}
+_LOCALS |= {"armed", "wd", "err", "exc", "t", "job", "exits", "depth"}
 _RESERVED = frozenset(_HELPERS) | _LOCALS | frozenset(dir(builtins)) | frozenset(keyword.kwlist)
 
 
@@ -218,6 +220,66 @@ def _setup(w: _Writer, names: _Names, step: Step, traced: bool) -> None:
         w.line(f"trace.debug('dependency.setup', dependency={provider.label!r}, duration_ms=ms_since(t))")
 
 
+def _batches(steps: Sequence[Step]) -> list[list[Step]]:
+    """The steps in order, in runs: consecutive threaded sync setups form one run (one
+    thread hop, ``_engine.setup_batch``); every other step is a run of its own."""
+    runs: list[list[Step]] = []
+    for step in steps:
+        if _batchable(step) and runs and _batchable(runs[-1][-1]):
+            runs[-1].append(step)
+        else:
+            runs.append([step])
+    return runs
+
+
+def _batchable(step: Step) -> bool:
+    return step.worker is None and step.provider.threaded
+
+
+def _setup_batch(w: _Writer, names: _Names, run: Sequence[Step], stack: str) -> None:
+    """One thread hop for consecutive threaded setups: each argument is an input of the
+    hop (computed on the loop) or the value of an earlier step of the same hop."""
+    produced = {step.slot: index for index, step in enumerate(run)}
+    inputs: list[str] = []
+    where: dict[str, int] = {}
+
+    def refer(tag: Arg, ref: Any) -> tuple[bool, int]:
+        if tag == Arg.SLOT and ref in produced:
+            return (True, produced[ref])
+        expression = names.source(tag, ref)
+        if expression not in where:
+            where[expression] = len(inputs)
+            inputs.append(expression)
+        return (False, where[expression])
+
+    items = tuple(
+        _engine.BatchItem(
+            step.provider,
+            tuple(refer(*source) for source in step.arguments.positional),
+            tuple((name, refer(*source)) for name, source in step.arguments.keyword),
+        )
+        for step in run
+    )
+    batch = w.bind(names.values[run[0].slot] + "_batch", items)
+    values = ", ".join(names.values[step.slot] for step in run)  # a run has two steps or more
+    given = ", ".join(inputs) + ("," if len(inputs) == 1 else "")
+    labels = ", ".join(step.provider.label for step in run)
+    w.line(f"{values} = await setup_batch({batch}, ({given}), {stack}, job)  # one thread hop: {labels}")
+
+
+def _setups(w: _Writer, names: _Names, plan: Plan, traced: bool) -> None:
+    # The traced runner keeps one hop per step, so each gets its own duration.
+    if traced:
+        for step in plan.steps:
+            _setup(w, names, step, traced)
+        return
+    for run in _batches(plan.steps):
+        if len(run) > 1:
+            _setup_batch(w, names, run, "stack" if plan.exits else "None")
+        else:
+            _setup(w, names, run[0], traced)
+
+
 def _body(w: _Writer, names: _Names, plan: Plan) -> None:
     body, arguments = plan.body, plan.body_arguments
     # ``extras`` (arguments only a ``**kwargs`` parameter takes) is None unless the job
@@ -291,6 +353,47 @@ def _clean_teardown(w: _Writer, names: _Names, plan: Plan, guard: str) -> None:
             w.line(f"wd.disarm({guard})")
 
 
+def _failure_teardown(w: _Writer, names: _Names, plan: Plan, guard: str) -> None:
+    """Teardown after a failed setup or body, spelled out per generator: ``exc`` is
+    thrown into each generator that was set up (``depth`` of them), innermost first.
+    While each one re-raises ``exc`` itself, nothing else is needed; at the first that
+    does anything else (raises another error, swallows ``exc``, yields again, overruns)
+    the rest goes to the general ``unwind`` through ``resume_failure``, which raises."""
+    generators = [names.generators[slot] for slot in sorted(names.generators)]
+    watched = guard != "None" and any(provider.teardown == Teardown.ASYNC for provider in plan.exits)
+    if watched:
+        w.line("armed = False")
+        w.line("wd = host._watchdog")
+    w.line("depth = len(stack)")
+    for index in reversed(range(len(plan.exits))):
+        gen = generators[index]
+        is_async = plan.exits[index].teardown == Teardown.ASYNC
+        with w.block(f"if depth > {index}:"):
+            if is_async and watched:
+                with w.block("if wd is not None:"):
+                    w.line(f"wd.arm({guard})")
+                    w.line("armed = True")
+            with w.block("try:"):
+                w.line(f"await {gen}.athrow(exc)" if is_async else f"{gen}.throw(exc)")
+            with w.block(f"except {'StopAsyncIteration' if is_async else 'StopIteration'}:"):
+                w.line(_hand_over_failure(index, "FINISHED", "None", guard, watched))
+            with w.block("except BaseException as err:"):
+                # Only the watchdog can make a re-raised ``exc`` an overrun.
+                overran = f" or (armed and wd.fired({guard}))" if is_async and watched else ""
+                with w.block(f"if err is not exc{overran}:"):
+                    w.line(_hand_over_failure(index, "RAISED", "err", guard, watched))
+            with w.block("else:"):
+                w.line(_hand_over_failure(index, "YIELDED", "None", guard, watched))
+    if watched:
+        with w.block("if armed:"):
+            w.line(f"wd.disarm({guard})")
+
+
+def _hand_over_failure(index: int, happened: str, error: str, guard: str, watched: bool) -> str:
+    armed = "armed" if watched else "False"
+    return f"await resume_failure(stack, exits, {index}, {happened}, {error}, exc, job, {guard}, host, log, {armed})"
+
+
 def _function(w: _Writer, names: _Names, plan: Plan, traced: bool) -> None:
     with w.block("async def run(payload, extras, ctx, host, log):"):
         w.line(f"# job {plan.job_name!r} ({plan.job_label}){' with a debug event per dependency' if traced else ''}")
@@ -299,8 +402,7 @@ def _function(w: _Writer, names: _Names, plan: Plan, traced: bool) -> None:
         if any(step.worker is not None for step in plan.steps):
             w.line("wv = host._worker_values")
         if not plan.exits:
-            for step in plan.steps:
-                _setup(w, names, step, traced)
+            _setups(w, names, plan, traced)
             _body(w, names, plan)
             w.line("return result")
             return
@@ -312,14 +414,17 @@ def _function(w: _Writer, names: _Names, plan: Plan, traced: bool) -> None:
             if plan.guarded:
                 guarded.enter_context(w.block("with host._scope_class() as guard:"))
             with w.block("try:"):
-                for step in plan.steps:
-                    _setup(w, names, step, traced)
+                _setups(w, names, plan, traced)
                 _body(w, names, plan)
             with w.block("except BaseException as exc:"):
                 if plan.guarded:
                     w.line("guard.shield = True")
-                w.line(f"await unwind(stack, exits, exc, job, {guard}, host, log, {trace})")
-                w.line("raise  # unwind() re-raises; this line is not reached")
+                if traced or any(provider.teardown == Teardown.THREADED for provider in plan.exits):
+                    w.line(f"await unwind(stack, exits, exc, job, {guard}, host, log, {trace})")
+                    w.line("raise  # unwind() re-raises; this line is not reached")
+                else:
+                    _failure_teardown(w, names, plan, guard)
+                    w.line("raise")
             if plan.guarded:
                 w.line("guard.shield = True")
             if traced or any(provider.teardown == Teardown.THREADED for provider in plan.exits):

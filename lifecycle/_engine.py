@@ -24,7 +24,7 @@ import contextvars
 import math
 import time
 from collections.abc import Callable, Generator, Hashable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import anyio
 from anyio import CancelScope
@@ -159,6 +159,108 @@ async def call_body_threaded(fn: Callable[..., Any], args: tuple[Any, ...], kwar
     result = await anyio.to_thread.run_sync(_call, fn, args, kwargs)
     await deliver_due_cancellation()
     return result
+
+
+# -- batches: consecutive threaded setups in one hop ------------------------------------
+#
+# A thread hop costs far more than the sync code it usually carries (two thread
+# wake-ups: tens of µs, hundreds on a loaded machine). So consecutive threaded setups
+# of a plan run in one hop, in plan order, each in its own copy of the job's Context
+# as it would be after the ones before it (the previous step's Context, copied), and
+# on the loop afterwards their changes are merged in that order: what each step sees,
+# and what the job sees after them, is what one hop per step gave. A job deadline
+# counts thread time: the thread starts no further step once the deadline has passed,
+# and the loop then delivers the cancellation (the generators already started see it
+# at their ``yield``). A cancellation without a deadline (the caller's) lands when the
+# batch returns, as it did when one step's hop returned.
+
+
+class BatchItem(NamedTuple):
+    """One setup in a batch; each argument is ``(produced, index)``: the value of the
+    batch's step ``index`` (``produced``) or the hop's input ``index``."""
+
+    provider: Provider
+    positional: tuple[tuple[bool, int], ...]
+    keyword: tuple[tuple[str, tuple[bool, int]], ...]
+
+
+class _Ran(NamedTuple):
+    contexts: list[contextvars.Context]  # a Context per step to merge, in order
+    entries: list[Any]  # per context: the ThreadedGen to push, or None
+    error: BaseException | None  # what stopped the batch (the steps after it did not run)
+
+
+def _run_batch(
+    items: Sequence[BatchItem],
+    inputs: Sequence[Any],
+    values: list[Any],
+    ctx: contextvars.Context,
+    stop_at: float | None,
+    job: str,
+) -> _Ran:
+    """The worker thread's side of ``setup_batch``: runs the steps from
+    ``len(values)`` on, appending their values; never raises."""
+    ran = _Ran([], [], None)
+    first = len(values)
+    for index in range(first, len(items)):
+        if index > first:
+            if stop_at is not None and time.perf_counter() >= stop_at:
+                break  # the job's deadline passed: start nothing more
+            ctx = ctx.copy()
+        item = items[index]
+        args = [values[i] if produced else inputs[i] for produced, i in item.positional]
+        kwargs = {name: values[i] if produced else inputs[i] for name, (produced, i) in item.keyword}
+        provider = item.provider
+        if not provider.is_generator:
+            ran.contexts.append(ctx)  # merged even when it raised, as a single hop does
+            ran.entries.append(None)
+            try:
+                values.append(ctx.run(provider.call, *args, **kwargs))
+            except BaseException as exc:
+                return ran._replace(error=exc)
+            continue
+        try:
+            gen, started, value = ctx.run(_start_sync, provider.call, tuple(args), kwargs)
+        except BaseException as exc:
+            return ran._replace(error=exc)
+        ran.contexts.append(ctx)
+        if not started:
+            ran.entries.append(None)
+            return ran._replace(error=no_yield_error(provider, job))
+        ran.entries.append(ThreadedGen(gen, ctx, True))
+        values.append(value)
+    return ran
+
+
+async def setup_batch(
+    items: Sequence[BatchItem], inputs: Sequence[Any], stack: list[Any] | None, job: str
+) -> list[Any]:
+    """Set up consecutive threaded sync dependencies of a job in one thread hop; returns
+    their values in order. Generators started are pushed onto ``stack`` even when a
+    later step fails, so they are torn down with that failure thrown in."""
+    values: list[Any] = []
+    while True:
+        deadline = anyio.current_effective_deadline()
+        stop_at = None
+        if -math.inf < deadline < math.inf:  # the same moment on the thread's clock
+            stop_at = time.perf_counter() + (deadline - anyio.current_time())
+        ran = await anyio.to_thread.run_sync(
+            _run_batch, items, inputs, values, contextvars.copy_context(), stop_at, job
+        )
+        for context, entry in zip(ran.contexts, ran.entries, strict=True):
+            if entry is not None:
+                _merge_into_current(context, entry.tokens)
+                stack.append(entry)  # type: ignore[union-attr]  # a plan with generators has a stack
+            else:
+                _merge_into_current(context, None)
+        if ran.error is not None:
+            raise ran.error
+        await deliver_due_cancellation()
+        if len(values) == len(items):
+            return values
+        # The thread stopped at the deadline by its clock, but on the loop's it is not
+        # due (the clocks differ by µs, or someone moved the deadline): go on. Each hop
+        # runs at least one step, so this ends.
 
 
 # -- generators ------------------------------------------------------------------------
@@ -314,16 +416,18 @@ def ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
 
-RAISED, YIELDED, FINISHED = 0, 1, 2  # what went wrong in a generated clean teardown (see resume_unwind)
+RAISED, YIELDED, FINISHED = 0, 1, 2  # how a teardown the generated code ran ended (see resume_unwind, resume_failure)
 
 
-async def _resumed(entry: Any, mode: Teardown, happened: int, error: BaseException | None) -> int:
-    """The status of a teardown the generated clean path already ran."""
+async def _resumed(
+    entry: Any, mode: Teardown, happened: int, error: BaseException | None, pending: BaseException | None
+) -> int:
+    """The status of a teardown the generated code already ran (``pending`` was thrown in)."""
     if happened == RAISED:
         assert error is not None
         raise error
-    if happened == FINISHED:  # but the watchdog fired meanwhile
-        return DONE
+    if happened == FINISHED:  # the clean path: the watchdog fired meanwhile; else swallowed
+        return SWALLOWED if pending is not None else DONE
     if mode is _ASYNC:
         await entry.aclose()
     else:
@@ -376,7 +480,7 @@ async def unwind(
                         armed = True
                     try:
                         if given is not None:
-                            status = await _resumed(entry, mode, *given)
+                            status = await _resumed(entry, mode, *given, pending)
                         else:
                             status = await _finish(provider, entry, pending)
                     except BaseException:
@@ -438,3 +542,23 @@ async def resume_unwind(
     if an outer dependency swallows the error, as with nested ``async with``."""
     del stack[index + 1 :]
     await unwind(stack, exits, None, job, guard, host, log, None, armed, (happened, error))
+
+
+async def resume_failure(
+    stack: list[Any],
+    exits: tuple[Provider, ...],
+    index: int,
+    happened: int,
+    error: BaseException | None,
+    exc: BaseException,
+    job: str,
+    guard: CancelScope | None,
+    host: Host,
+    log: Any,
+    armed: bool,
+) -> None:
+    """Hand the generated failure teardown over to ``unwind`` at ``exits[index]``, into
+    which ``exc`` was thrown (``happened`` says with what result); every generator above
+    it re-raised ``exc`` itself. Always raises: the job failed."""
+    del stack[index + 1 :]
+    await unwind(stack, exits, exc, job, guard, host, log, None, armed, (happened, error))

@@ -103,8 +103,35 @@ async def run(payload, extras, ctx, host, log):
             result = await call_body_threaded(scoped, (), {**{'order': payload['order'], 'tx': tx}, **extras} if extras else {'order': payload['order'], 'tx': tx})
         except BaseException as exc:
             guard.shield = True
-            await unwind(stack, exits, exc, job, guard, host, log, None)
-            raise  # unwind() re-raises; this line is not reached
+            armed = False
+            wd = host._watchdog
+            depth = len(stack)
+            if depth > 1:
+                if wd is not None:
+                    wd.arm(guard)
+                    armed = True
+                try:
+                    await tx_gen.athrow(exc)
+                except StopAsyncIteration:
+                    await resume_failure(stack, exits, 1, FINISHED, None, exc, job, guard, host, log, armed)
+                except BaseException as err:
+                    if err is not exc or (armed and wd.fired(guard)):
+                        await resume_failure(stack, exits, 1, RAISED, err, exc, job, guard, host, log, armed)
+                else:
+                    await resume_failure(stack, exits, 1, YIELDED, None, exc, job, guard, host, log, armed)
+            if depth > 0:
+                try:
+                    log_2_value_gen.throw(exc)
+                except StopIteration:
+                    await resume_failure(stack, exits, 0, FINISHED, None, exc, job, guard, host, log, armed)
+                except BaseException as err:
+                    if err is not exc:
+                        await resume_failure(stack, exits, 0, RAISED, err, exc, job, guard, host, log, armed)
+                else:
+                    await resume_failure(stack, exits, 0, YIELDED, None, exc, job, guard, host, log, armed)
+            if armed:
+                wd.disarm(guard)
+            raise
         guard.shield = True
         armed = False
         wd = host._watchdog
