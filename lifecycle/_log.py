@@ -149,37 +149,36 @@ class _LibraryLogger:
 
 LOG: Any = _LibraryLogger()
 
-# Levels by wrapper class, probed once per class: (debug, info), or None for structlog's
-# stdlib BoundLogger, whose levels are the stdlib logger's.
-_levels_by_wrapper: dict[Any, tuple[bool, bool] | None] = {}
+# Levels by wrapper class, probed once per class: (debug, info, error), or None for
+# structlog's stdlib BoundLogger, whose levels are the stdlib logger's.
+_levels_by_wrapper: dict[Any, tuple[bool, bool, bool] | None] = {}
+_ALL = (True, True, True)
 
 
-def _stdlib_levels() -> tuple[bool, bool]:
-    return STDLIB_LOGGER.isEnabledFor(logging.DEBUG), STDLIB_LOGGER.isEnabledFor(logging.INFO)
+def _stdlib_levels() -> tuple[bool, bool, bool]:
+    enabled = STDLIB_LOGGER.isEnabledFor
+    return enabled(logging.DEBUG), enabled(logging.INFO), enabled(logging.ERROR)
 
 
-def _probe(wrapper: Any) -> tuple[bool, bool] | None:
+def _probe(wrapper: Any) -> tuple[bool, bool, bool] | None:
     if isinstance(wrapper, type) and issubclass(wrapper, structlog.stdlib.BoundLogger):
         return None
     check = getattr(wrapper, "is_enabled_for", None)
     if check is None:
-        return (True, True)
+        return _ALL
     try:
         probe = wrapper(None, processors=[], context={})
-        return bool(probe.is_enabled_for(logging.DEBUG)), bool(probe.is_enabled_for(logging.INFO))
+        return (
+            bool(probe.is_enabled_for(logging.DEBUG)),
+            bool(probe.is_enabled_for(logging.INFO)),
+            bool(probe.is_enabled_for(logging.ERROR)),
+        )
     except Exception:  # an unusual wrapper: do not guess
-        return (True, True)
+        return _ALL
 
 
-def enabled_levels() -> tuple[bool, bool]:
-    """(debug, info) enabled for the library's events, asked once per job.
-
-    Unconfigured structlog: the ``lifecycle`` stdlib logger's levels. Configured: the
-    wrapper class's (``make_filtering_bound_logger``), or the stdlib logger's for
-    structlog's stdlib ``BoundLogger`` made by its ``LoggerFactory``; wrapper classes
-    that cannot say count as enabled, and their own filtering decides. Public API only:
-    ``get_config()`` builds a small dict per call (about 0.2 µs), the price of not
-    reading structlog's private state; the probe itself is cached by class."""
+def _levels() -> tuple[bool, bool, bool]:
+    """(debug, info, error) enabled for the library's events; see ``enabled_levels``."""
     if not structlog.is_configured():
         return _stdlib_levels()
     config = structlog.get_config()
@@ -191,8 +190,21 @@ def enabled_levels() -> tuple[bool, bool]:
     if known is None:
         if isinstance(config["logger_factory"], structlog.stdlib.LoggerFactory):
             return _stdlib_levels()
-        return (True, True)
+        return _ALL
     return known
+
+
+def enabled_levels() -> tuple[bool, bool]:
+    """(debug, info) enabled for the library's events, asked once per job.
+
+    Unconfigured structlog: the ``lifecycle`` stdlib logger's levels. Configured: the
+    wrapper class's (``make_filtering_bound_logger``), or the stdlib logger's for
+    structlog's stdlib ``BoundLogger`` made by its ``LoggerFactory``; wrapper classes
+    that cannot say count as enabled, and their own filtering decides. Public API only:
+    ``get_config()`` builds a small dict per call (about 0.2 µs), the price of not
+    reading structlog's private state; the probe itself is cached by class."""
+    debug, info, _ = _levels()
+    return debug, info
 
 
 # -- how a job ended ----------------------------------------------------------------------
@@ -241,8 +253,10 @@ def log_failure(log: Any, exc: BaseException, **fields: Any) -> None:
         log.error("job.timed_out", **fields, error=describe(exc))
     elif isinstance(only, LifecycleError):
         log.error("job.failed", **fields, error=describe(exc))
-    else:
+    elif _levels()[2]:  # formatting a traceback costs far more than the job: only for a reader
         log.error("job.failed", **fields, error=describe(exc), exception=traceback_text(exc))
+    else:
+        log.error("job.failed", **fields, error=describe(exc))
 
 
 class JobLog:

@@ -390,6 +390,28 @@ def test_levels_come_from_structlogs_public_configuration_only(monkeypatch: pyte
         _log.STDLIB_LOGGER.manager._clear_cache()  # type: ignore[attr-defined]
 
 
+def test_a_failure_nobody_reads_is_not_formatted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Formatting a traceback costs far more than a job: with errors filtered out, the
+    library does not build the ``exception`` text at all (the event still goes out)."""
+    import logging
+
+    formatted: list[BaseException] = []
+    real = _log.traceback_text
+    monkeypatch.setattr(_log, "traceback_text", lambda exc: formatted.append(exc) or real(exc))
+    previous = structlog.get_config()
+    try:
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+        _log.log_failure(_log.LOG, ValueError("quiet"), job="a")
+        assert formatted == []
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+        with capture_logs() as logs:
+            _log.log_failure(_log.LOG, ValueError("loud"), job="b")
+        assert [str(exc) for exc in formatted] == ["loud"]
+        assert "ValueError: loud" in logs[0]["exception"]
+    finally:
+        structlog.configure(**previous)
+
+
 # -- result types ------------------------------------------------------------------------
 
 
