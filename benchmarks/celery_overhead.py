@@ -76,7 +76,11 @@ APPS = {
     "plain": ("celery_overhead:plain", plain, "bench.count_plain"),
     "lifecycle": ("celery_overhead:with_lifecycle", with_lifecycle, "bench.count_lifecycle"),
 }
-POOLS = {"solo": ["-P", "solo", "-c", "1"], "threads": ["-P", "threads", "-c", "4"], "prefork": ["-P", "prefork", "-c", "2"]}
+POOLS = {
+    "solo": ["-P", "solo", "-c", "1"],
+    "threads": ["-P", "threads", "-c", "4"],
+    "prefork": ["-P", "prefork", "-c", "2"],
+}
 
 
 class CeleryWorker:
@@ -89,8 +93,22 @@ class CeleryWorker:
         self.counter = f"{self.tag}:count"
         env = {**os.environ, "BENCH_COUNTER": self.counter, "PYTHONPATH": str(HERE)}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", APPS[kind][0], "worker", *pool_args, "-Q", self.queue]
-            + ["--without-heartbeat", "--without-gossip", "--without-mingle", "-l", "warning"],
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                APPS[kind][0],
+                "worker",
+                *pool_args,
+                "-Q",
+                self.queue,
+                "--without-heartbeat",
+                "--without-gossip",
+                "--without-mingle",
+                "-l",
+                "warning",
+            ],
             cwd=HERE,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -125,9 +143,7 @@ class CeleryWorker:
             seen: dict[bytes, bytes] = self.redis.hgetall(f"{self.counter}:seen")  # type: ignore[assignment]
             wrong = {k: v for k, v in seen.items() if v != b"1"}
             if len(seen) != jobs or wrong or int(self.redis.get(self.counter) or 0) != jobs:
-                raise RuntimeError(
-                    f"{self.kind}: {len(seen)} of {jobs} messages processed, duplicates {len(wrong)}"
-                )
+                raise RuntimeError(f"{self.kind}: {len(seen)} of {jobs} messages processed, duplicates {len(wrong)}")
         return jobs / elapsed
 
     def stop(self) -> None:
@@ -166,9 +182,11 @@ def main() -> None:
     parser.add_argument("--pools", default="solo,threads,prefork", help="comma-separated")
     options = parser.parse_args()
     load = os.getloadavg()[0]
-    print(f"# Celery + lifecycle vs plain Celery ({time.strftime('%Y-%m-%d %H:%M')}, "
-          f"lifecycle {lifecycle.__version__ if hasattr(lifecycle, '__version__') else ''}, "
-          f"{os.cpu_count()} cores, load {load:.1f}, {options.jobs} messages x {options.rounds} rounds)\n")
+    print(
+        f"# Celery + lifecycle vs plain Celery ({time.strftime('%Y-%m-%d %H:%M')}, "
+        f"lifecycle {lifecycle.__version__ if hasattr(lifecycle, '__version__') else ''}, "
+        f"{os.cpu_count()} cores, load {load:.1f}, {options.jobs} messages x {options.rounds} rounds)\n"
+    )
     print("| pool | plain Celery msg/s | Celery + lifecycle msg/s | lifecycle / plain |\n|---|---:|---:|---:|")
     for pool in options.pools.split(","):
         row = compare(pool, options.jobs, options.rounds)

@@ -119,10 +119,8 @@ async def drain_taskiq(concurrency: int, numbers: list[int]) -> tuple[Counter[in
         await _wait_for(done, len(numbers))
         elapsed = time.perf_counter() - started
         receiver.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await receiver
-        except asyncio.CancelledError:
-            pass
     finally:
         await broker.shutdown()
         await _cleanup(f"{name}*")
@@ -159,10 +157,8 @@ async def drain_arq(concurrency: int, numbers: list[int]) -> tuple[Counter[int],
         await _wait_for(done, len(numbers))
         elapsed = time.perf_counter() - started
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
         # arq's close() waits for its job tasks, which the cancel above ended.
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(worker.close(), 10)
@@ -193,10 +189,8 @@ async def drain_saq(concurrency: int, numbers: list[int]) -> tuple[Counter[int],
         elapsed = time.perf_counter() - started
         await worker.stop()
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
     finally:
         await queue.disconnect()
         await _cleanup(f"saq:{name}*", f"saq:job:{name}*")
