@@ -90,7 +90,7 @@ async def drain_lifecycle(concurrency: int, numbers: list[int]) -> tuple[Counter
         await _wait_for(done, len(numbers))
         elapsed = time.perf_counter() - started
         worker.stop()
-        await task
+        await asyncio.wait_for(task, 60)
     finally:
         await queue.close()
         await _cleanup(f"{stream}*")
@@ -122,7 +122,8 @@ async def drain_taskiq(concurrency: int, numbers: list[int]) -> tuple[Counter[in
         with contextlib.suppress(asyncio.CancelledError):
             await receiver
     finally:
-        await broker.shutdown()
+        with contextlib.suppress(TimeoutError):  # a peer's shutdown must not stall the run
+            await asyncio.wait_for(broker.shutdown(), 10)
         await _cleanup(f"{name}*")
     return done, elapsed
 
@@ -187,12 +188,14 @@ async def drain_saq(concurrency: int, numbers: list[int]) -> tuple[Counter[int],
         task = asyncio.create_task(worker.start())
         await _wait_for(done, len(numbers))
         elapsed = time.perf_counter() - started
-        await worker.stop()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(worker.stop(), 10)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
     finally:
-        await queue.disconnect()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(queue.disconnect(), 10)
         await _cleanup(f"saq:{name}*", f"saq:job:{name}*")
     return done, elapsed
 
@@ -232,8 +235,9 @@ async def run(jobs: int, rounds: int, concurrencies: list[int], with_celery: boo
         failed: dict[str, str] = {}
         for name, drain in peers.items():  # correctness before timing
             numbers = list(range(-1, -201, -1))
+            print(f"  check: {name}, concurrency {concurrency}", file=sys.stderr, flush=True)
             try:
-                done, _ = await asyncio.wait_for(drain(concurrency, numbers), 300)
+                done, _ = await asyncio.wait_for(drain(concurrency, numbers), 120)
             except Exception as exc:
                 failed[name] = f"{type(exc).__name__}: {exc}"[:200]
                 continue
@@ -247,8 +251,9 @@ async def run(jobs: int, rounds: int, concurrencies: list[int], with_celery: boo
                 if name in failed:
                     continue
                 numbers = list(range(jobs))
+                print(f"  round {round_}: {name}, concurrency {concurrency}", file=sys.stderr, flush=True)
                 try:
-                    done, elapsed = await asyncio.wait_for(peers[name](concurrency, numbers), 600)
+                    done, elapsed = await asyncio.wait_for(peers[name](concurrency, numbers), 180)
                 except Exception as exc:
                     failed[name] = f"round {round_}: {type(exc).__name__}: {exc}"[:200]
                     continue
