@@ -271,6 +271,8 @@ async def run(jobs: int, rounds: int, concurrencies: list[int], with_celery: boo
             rate = statistics.median(rates[name])
             ratio = f"{ours / rate:.2f}" if ours else "-"
             rows.append(f"| {name} | {concurrency} | {rate:,.0f} | {ratio} |")
+        for row in rows[-len(peers) :]:  # each concurrency's rows as soon as they are known
+            print(row, flush=True)
     return rows
 
 
@@ -288,8 +290,7 @@ def main() -> None:
     )
     print("| library | concurrency | msg/s (median) | lifecycle / this |\n|---|---:|---:|---:|")
     concurrencies = [int(c) for c in options.concurrency.split(",")]
-    for row in asyncio.run(run(options.jobs, options.rounds, concurrencies, not options.no_celery)):
-        print(row, flush=True)
+    asyncio.run(run(options.jobs, options.rounds, concurrencies, not options.no_celery))
 
 
 if __name__ == "__main__":
