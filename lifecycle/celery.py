@@ -26,6 +26,7 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import enum
@@ -38,6 +39,8 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeVar, overload
 
 import anyio
+import sniffio
+from anyio.abc import TaskGroup
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from celery import Celery, signals
 from celery.exceptions import Reject as CeleryReject
@@ -99,9 +102,13 @@ class TaskDecorator(Protocol):
     @overload
     def __call__(self, fn: Callable[..., R], /) -> LifecycleTask[R]: ...
 
+
 # Seconds to wait for a job whose submission to the loop was interrupted half-way (it
 # may never have reached the loop, so nothing would ever say it is done).
 _UNSURE_SUBMIT_WAIT = 5.0
+# Seconds between checks, while a task thread waits for its job, that the runtime was
+# not closed under it (a job submitted as the loop stopped would never answer).
+_CLOSED_POLL = 0.5
 
 # The task options that make a task survive a killed prefork child, with the app
 # setting each falls back to. Both must be true: Celery requeues on a lost worker only
@@ -164,6 +171,11 @@ class _ProcessRuntime:
         self._stop: anyio.Event | None = None
         self._drained: anyio.Event | None = None
         self._inflight: set[_Call] = set()
+        # The task group jobs run in, and the loop's own thread-safe "call this soon"
+        # (set while the runtime is open). Submitting through it costs one wake-up of
+        # the loop thread; a BlockingPortal's start_task_soon costs a round trip more.
+        self._jobs: TaskGroup | None = None
+        self._schedule: Callable[..., object] | None = None
         self._accepting = False
         self._stop_requested = False
         self._loop_thread: int | None = None
@@ -253,8 +265,10 @@ class _ProcessRuntime:
         if self._stop_requested:  # _stop_loop ran before this task's first step
             self._stop.set()
         try:
-            async with self.make_runtime() as runtime:
+            async with self.make_runtime() as runtime, anyio.create_task_group() as jobs:
                 self.runtime = runtime
+                self._jobs = jobs
+                self._schedule = _thread_safe_scheduler(self.backend)
                 self._accepting = True
                 ready.set_result(None)
                 await self._stop.wait()
@@ -273,6 +287,8 @@ class _ProcessRuntime:
             raise
         finally:
             self._accepting = False
+            self._schedule = None
+            self._jobs = None
 
     def _request_stop(self) -> None:  # on the loop thread
         self._stop_requested = True
@@ -296,25 +312,72 @@ class _ProcessRuntime:
                 closing cancelled the job (after its teardown ran).
         """
         call = _Call()
-        submitted = False
-        future: concurrent.futures.Future[T] | None = None
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        scheduled: bool | None = None  # None: not tried; False: interrupted half-way
         try:
-            portal = self.portal
-            if portal is None or self._state is not _State.RUNNING:
+            schedule = self._schedule
+            if schedule is None or self._state is not _State.RUNNING:
                 raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is not running")
-            submitted = True
+            scheduled = False
             try:
-                future = portal.start_task_soon(self._host_call, work, call)
-            except RuntimeError as exc:  # the portal stopped between the check and here
+                schedule(self._spawn, work, call, future)
+            except RuntimeError as exc:  # the loop ended between the check and here
+                call.done.set()  # the callback was not queued: nothing will ever run
                 raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed") from exc
-            return future.result()
+            scheduled = True
+            return self._result(future)
         except BaseException:
-            if submitted and not call.done.is_set():
+            if scheduled is not None and not call.done.is_set():
                 self._cancel(call)
                 # A submission interrupted half-way may never reach the loop: bound the
                 # wait then. Otherwise the wait is bounded by the job's teardown.
-                self._wait_done(call, None if future is not None else _UNSURE_SUBMIT_WAIT)
+                self._wait_done(call, None if scheduled else _UNSURE_SUBMIT_WAIT)
             raise
+
+    def _result(self, future: concurrent.futures.Future[T]) -> T:
+        # A callback queued just as the loop stopped never runs: once the runtime is
+        # closed (every job it spawned has finished by then), stop waiting for it.
+        while True:
+            try:
+                return future.result(timeout=_CLOSED_POLL)
+            except concurrent.futures.TimeoutError:
+                if self._state is _State.CLOSED and not future.done():
+                    raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed") from None
+
+    def _spawn(
+        self, work: Callable[[Runtime], Awaitable[T]], call: _Call, future: concurrent.futures.Future[T]
+    ) -> None:  # on the loop thread, as a plain callback
+        jobs = self._jobs
+        # A loop callback runs outside any task, where anyio cannot tell which loop it
+        # is on (asyncio has no current task): say so, for this callback only.
+        library = sniffio.current_async_library_cvar.set(self.backend)
+        try:
+            if jobs is None:
+                raise RuntimeError("the job task group is closed")
+            jobs.start_soon(self._host_future, work, call, future)
+        except RuntimeError:
+            call.done.set()
+            future.set_exception(_ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed"))
+        finally:
+            sniffio.current_async_library_cvar.reset(library)
+
+    async def _host_future(
+        self, work: Callable[[Runtime], Awaitable[T]], call: _Call, future: concurrent.futures.Future[T]
+    ) -> None:
+        try:
+            result = await self._host_call(work, call)
+        except anyio.get_cancelled_exc_class():
+            # The loop itself is being torn down (not a job's own scope: that one ends
+            # in _ProcessClosed inside _host_call).
+            future.set_exception(_ProcessClosed(f"the job was cancelled in worker process {self.pid} (shutdown)"))
+            raise
+        except BaseException as exc:
+            # Never into the task group: one job's failure must not cancel the others.
+            future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            future.set_result(result)
 
     async def _host_call(self, work: Callable[[Runtime], Awaitable[T]], call: _Call) -> T:
         try:
@@ -742,6 +805,16 @@ def _carried(app: Celery, request: Any) -> Carried:
     if isinstance(destination, str) and destination:
         attributes["messaging.destination.name"] = destination
     return Carried(headers, attributes)
+
+
+def _thread_safe_scheduler(backend: str) -> Callable[..., object]:
+    """The running loop's thread-safe ``call this soon`` (call it on the loop thread):
+    it queues a plain callback and wakes the loop, without waiting for an answer."""
+    if backend == "trio":
+        import trio  # a core dependency, imported only by processes whose loop is trio's
+
+        return trio.lowlevel.current_trio_token().run_sync_soon
+    return asyncio.get_running_loop().call_soon_threadsafe
 
 
 def _validating_base(job: Job[..., Any], base: type) -> type:

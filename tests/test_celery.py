@@ -312,25 +312,25 @@ def test_a_soft_time_limit_before_the_job_reached_the_loop_never_starts_it(
     rt.start()
     try:
         assert rt.portal is not None
-        # Block the loop thread, then submit: the submission waits for the loop, and the
-        # soft time limit lands while it does. The loop is let go only once the task
+        # Block the loop thread, then submit: the job waits for the loop, and the soft
+        # time limit lands while it does. The loop is let go only once the task
         # thread has cancelled the job.
         blocking, gate = threading.Event(), threading.Event()
         rt.portal.start_task_soon(lambda: (blocking.set(), gate.wait(30)))
         assert blocking.wait(30)
         submitting = threading.Event()
-        portal, cancel = rt.portal, rt._cancel
-        submit = portal.start_task_soon
+        schedule, cancel = rt._schedule, rt._cancel
+        assert schedule is not None
 
-        def start_task_soon(*args: Any, **kwargs: Any) -> Any:
+        def schedule_and_tell(*args: Any) -> Any:
             submitting.set()
-            return submit(*args, **kwargs)
+            return schedule(*args)
 
         def cancel_then_release(call: Any) -> None:
             cancel(call)
             gate.set()
 
-        portal.start_task_soon = start_task_soon  # type: ignore[method-assign]
+        rt._schedule = schedule_and_tell
         rt._cancel = cancel_then_release  # type: ignore[method-assign]
         sigusr1.append(soft_time_limit)
         sender = signal_when(submitting, delay=0.2)
@@ -338,7 +338,7 @@ def test_a_soft_time_limit_before_the_job_reached_the_loop_never_starts_it(
             rt.run(lambda runtime: runtime.run(tree.quick))
         sender.join()
         assert gate.is_set()
-        portal.start_task_soon = submit  # type: ignore[method-assign]
+        rt._schedule = schedule
         rt._cancel = cancel  # type: ignore[method-assign]
         assert rt.run(lambda runtime: runtime.run(tree.quick)) == "session"
         assert events == ["pool up", "session up", "session down"]  # the cancelled job never ran

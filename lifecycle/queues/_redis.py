@@ -40,6 +40,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
+import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
@@ -49,6 +50,7 @@ from redis.exceptions import (
     ClusterDownError,
     InvalidResponse,
     NoPermissionError,
+    NoScriptError,
     ReadOnlyError,
     RedisError,
     ResponseError,
@@ -347,6 +349,25 @@ def decode_fields(message_id: str, fields: Mapping[bytes, bytes], deliveries: in
     return Delivery(message_id, name, payload, int(attempt_raw), deliveries, enqueued_at, raw=raw, headers=headers)
 
 
+class _PendingSettle:
+    """A settle waiting for (or in) a pipelined batch, and what the server said."""
+
+    __slots__ = ("args", "done", "error", "keys", "leads", "result")
+
+    def __init__(self, keys: list[str], args: list[Any]) -> None:
+        self.keys = keys
+        self.args = args
+        self.done = anyio.Event()
+        self.leads = False  # set when this caller must send the next batch itself
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
 class RedisStreamQueue:
     """A queue on a Redis stream shared by a consumer group (see the module docstring).
 
@@ -371,6 +392,14 @@ class RedisStreamQueue:
         connect_timeout: seconds (> 0) to connect before ``BrokerUnavailable``.
         health_check_interval: a connection idle for this many seconds is PINGed before
             use, so a dead one is replaced instead of failing a command; 0 turns it off.
+        prefetch: messages (>= 0) read ahead, beyond what the worker asks for, and kept
+            here until it asks again: at low concurrency most reads then cost no round
+            trip. They are leased to this consumer meanwhile (renewed with the worker's
+            own renewals, and before being handed out if they waited a third of
+            ``claim_idle``); ``close()`` puts back those never handed out. Default 0
+            (off): each consumer holds only what its worker runs, so several consumers
+            share a short queue evenly. 8 or so suits a worker at low concurrency
+            draining a busy stream.
     """
 
     def __init__(
@@ -388,8 +417,11 @@ class RedisStreamQueue:
         socket_timeout: float = 5.0,
         connect_timeout: float = 5.0,
         health_check_interval: float = 10.0,
+        prefetch: int = 0,
     ) -> None:
         require_asyncio("RedisStreamQueue", "redis-py's client")
+        if not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"RedisStreamQueue prefetch must be an int >= 0, got {prefetch!r}")
         for name, value in (
             ("claim_idle", claim_idle),
             ("socket_timeout", socket_timeout),
@@ -440,7 +472,12 @@ class RedisStreamQueue:
         self._last_read: float | None = None
         self._claim_cursor = "0-0"
         self._held: set[str] = set()  # ids handed out and not settled: not "reclaimed" from ourselves
+        self.prefetch = prefetch
+        self._buffer: list[Delivery] = []  # read ahead, ours, not handed out yet (also in _held)
+        self._buffered_at = 0.0  # when the buffer was last read or renewed (monotonic)
         self._scripts: dict[str, Any] = {}
+        self._settles: list[_PendingSettle] = []  # asked for while a batch is on its way
+        self._settling = False
 
     # -- plumbing -----------------------------------------------------------------------
     def _where(self, op: str) -> str:
@@ -625,16 +662,13 @@ class RedisStreamQueue:
                 # The stream was deleted, or a restart without persistence lost it:
                 # create the group again on the next call.
                 self._group_ready = False
+                self._drop_buffer()
                 return []
 
     async def _receive(self, redis: Redis, limit: int, timeout: float) -> list[Delivery]:
+        if self._buffer:
+            return await self._take(limit)
         await self._ensure_group(redis)
-        promoted = await self._script(_PROMOTE)(
-            keys=[self.delayed_key, self.stream, self.delayed_index_key], args=[repr(time.time()), 100]
-        )
-        wait = min(max(timeout, 0.0), self._block_cap)
-        if promoted[1] is not None:  # a delayed message falls due sooner
-            wait = min(wait, max(float(promoted[1]) - time.time(), 0.0))
         now = time.monotonic()
         if self._last_read is not None and now - self._last_read > self.claim_idle / 2:
             self._trouble_at = now  # a long pause since the last read: a stall, or a busy worker
@@ -648,19 +682,76 @@ class RedisStreamQueue:
             if claimed:
                 self._last_read = time.monotonic()
                 return claimed
-        block = int(wait * 1000)
-        response: Any = await redis.xreadgroup(
-            self.group, self.consumer, {self.stream: ">"}, count=limit, block=block if block > 0 else None
-        )
+        # One round trip while messages are waiting: due delayed messages are moved in
+        # and new ones read in the same pipeline (the read sees what the move added).
+        # Only an empty answer pays for a second, blocking, read.
+        promoted, response = await self._promote_and_read(redis, limit + self.prefetch)
+        if not response:
+            wait = min(max(timeout, 0.0), self._block_cap)
+            if promoted[1] is not None:  # a delayed message falls due sooner
+                wait = min(wait, max(float(promoted[1]) - time.time(), 0.0))
+            block = int(wait * 1000)
+            if block > 0:
+                started = time.monotonic()
+                response = await redis.xreadgroup(
+                    self.group, self.consumer, {self.stream: ">"}, count=limit + self.prefetch, block=block
+                )
+                if time.monotonic() - started > wait + self.claim_idle / 2:
+                    self._trouble_at = time.monotonic()  # the server stalled during this read
         self._last_read = time.monotonic()
-        if self._last_read - now > wait + self.claim_idle / 2:
-            self._trouble_at = self._last_read  # the server stalled during this read
         deliveries = []
         for _stream, entries in response or ():
             for message_id, fields in entries:
                 deliveries.append(decode_fields(_text(message_id), fields or {}, 1))
         self._held.update(delivery.id for delivery in deliveries)
-        return deliveries
+        self._buffer.extend(deliveries[limit:])
+        self._buffered_at = self._last_read
+        return deliveries[:limit]
+
+    async def _take(self, limit: int) -> list[Delivery]:
+        """Hand out up to ``limit`` read-ahead messages. Ones that waited long enough
+        to risk their lease are renewed first; any this consumer lost are dropped (the
+        consumer that took them over runs them)."""
+        if time.monotonic() - self._buffered_at > self.claim_idle / 3:
+            await self._renew_buffer()
+        taken, self._buffer = self._buffer[:limit], self._buffer[limit:]
+        return taken
+
+    async def _renew_buffer(self) -> None:
+        ids = [delivery.id for delivery in self._buffer]
+        lost: Any = await self._script(_RENEW)(keys=[self.stream], args=[self.group, self.consumer, *ids])
+        self._forget_lost({_text(message_id) for message_id in lost})
+        self._buffered_at = time.monotonic()
+
+    def _forget_lost(self, lost: set[str]) -> None:
+        if lost:
+            self._buffer = [delivery for delivery in self._buffer if delivery.id not in lost]
+            self._held.difference_update(lost)
+
+    def _drop_buffer(self) -> None:
+        self._held.difference_update(delivery.id for delivery in self._buffer)
+        self._buffer = []
+
+    async def _promote_and_read(self, redis: Redis, limit: int) -> tuple[Any, Any]:
+        """_PROMOTE and a non-blocking XREADGROUP, pipelined: one round trip. EVALSHA
+        directly (redis-py's pipelined Script would ask SCRIPT EXISTS first, a round
+        trip more); a server that lost its scripts (a restart) gets them again here."""
+        promote = self._script(_PROMOTE)
+        async with redis.pipeline(transaction=False) as pipe:
+            keys = (self.delayed_key, self.stream, self.delayed_index_key)
+            pipe.evalsha(promote.sha, len(keys), *keys, repr(time.time()), 100)
+            pipe.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=limit)
+            promoted, response = await pipe.execute(raise_on_error=False)
+        if isinstance(response, Exception):
+            raise response
+        if isinstance(promoted, NoScriptError):
+            # The read still ran, and what it read is ours now: keep it, and move the
+            # delayed messages on the next call.
+            await redis.script_load(_PROMOTE)
+            promoted = [0, None]
+        elif isinstance(promoted, Exception):
+            raise promoted
+        return promoted, response
 
     async def _reclaim(self, limit: int) -> list[Delivery]:
         """Take over messages left pending for longer than claim_idle (their consumer
@@ -677,9 +768,7 @@ class RedisStreamQueue:
             deliveries.append(decode_fields(message_id, _pairs(out[index + 1]), int(out[index + 2])))
         if deliveries:
             self._held.update(delivery.id for delivery in deliveries)
-            LOG.info(
-                "queue.reclaimed", stream=self.stream, consumer=self.consumer, ids=[d.id for d in deliveries]
-            )
+            LOG.info("queue.reclaimed", stream=self.stream, consumer=self.consumer, ids=[d.id for d in deliveries])
         return deliveries
 
     async def _forget_consumers(self) -> None:
@@ -694,11 +783,66 @@ class RedisStreamQueue:
         taken over by another consumer): then nothing changed."""
         args = [self.group, self.consumer, delivery.id, mode, *extra]
         with self._errors(f"{op} of message {delivery.id} (job {delivery.job!r})"):
-            result = await self._script(_SETTLE)(keys=[self.stream, target], args=args)
+            result = await self._coalesced_settle([self.stream, target], args)
         self._held.discard(delivery.id)
         if result is None:
             LOG.debug("queue.settle_skipped", op=op, job=delivery.job, job_id=delivery.id, consumer=self.consumer)
         return result is not None
+
+    async def _coalesced_settle(self, keys: list[str], args: list[Any]) -> Any:
+        """One _SETTLE, sent with every other settle asked for while a batch is on its
+        way: many jobs finishing at once cost one pipelined round trip instead of one
+        each (and one connection instead of many). Each settle is still its own atomic,
+        owner-checked script, sent only when its job asked for it (after teardown), so
+        batching changes no outcome; it only waits for the batch before it, if any.
+
+        Shielded: a settle whose job was cancelled while it waits is sent all the same
+        (it is idempotent), and the wait is bounded by the socket timeout."""
+        pending = _PendingSettle(keys, args)
+        self._settles.append(pending)
+        with anyio.CancelScope(shield=True):
+            if self._settling:
+                await pending.done.wait()
+                if not pending.leads:
+                    return pending.outcome()
+            # This caller sends every settle queued so far, then hands the batch queued
+            # meanwhile to the first of its callers, and returns its own answer.
+            self._settling = True
+            try:
+                batch, self._settles = self._settles, []
+                await self._send_settles(batch)
+            finally:
+                if self._settles:
+                    self._settles[0].leads = True
+                    self._settles[0].done.set()
+                else:
+                    self._settling = False
+        return pending.outcome()
+
+    async def _send_settles(self, batch: list[_PendingSettle]) -> None:
+        redis = self._client()
+        script = self._script(_SETTLE)
+        try:
+            if len(batch) == 1:
+                batch[0].result = await script(keys=batch[0].keys, args=batch[0].args)
+            else:
+                async with redis.pipeline(transaction=False) as pipe:
+                    for item in batch:
+                        pipe.evalsha(script.sha, len(item.keys), *item.keys, *item.args)
+                    results = await pipe.execute(raise_on_error=False)
+                for item, result in zip(batch, results, strict=True):
+                    if isinstance(result, NoScriptError):  # a restarted server: reload, resend
+                        result = await script(keys=item.keys, args=item.args)
+                    if isinstance(result, Exception):
+                        item.error = result
+                    else:
+                        item.result = result
+        except Exception as exc:  # the connection failed: every settle in it fails
+            for item in batch:
+                item.error = exc
+        finally:
+            for item in batch:
+                item.done.set()
 
     def _body(self, delivery: Delivery) -> str:
         """The payload as it arrived (no float or int drift), else re-encoded."""
@@ -751,15 +895,20 @@ class RedisStreamQueue:
 
     async def renew(self, deliveries: Sequence[Delivery]) -> list[str]:
         """Reset the idle time of those deliveries this consumer still owns (XCLAIM
-        JUSTID: no delivery counted); returns the ids of the others (lost)."""
+        JUSTID: no delivery counted); returns the ids of the others (lost). Read-ahead
+        messages not handed out yet are renewed in the same call."""
         if not deliveries:
             return []
         ids = [delivery.id for delivery in deliveries]
+        ahead = [delivery.id for delivery in self._buffer]
         with self._errors(f"renew of {len(ids)} message(s)"):
-            lost: Any = await self._script(_RENEW)(keys=[self.stream], args=[self.group, self.consumer, *ids])
-        lost_ids = [_text(message_id) for message_id in lost]
+            lost: Any = await self._script(_RENEW)(keys=[self.stream], args=[self.group, self.consumer, *ids, *ahead])
+        lost_ids = {_text(message_id) for message_id in lost}
+        if ahead:
+            self._buffered_at = time.monotonic()
+            self._forget_lost(lost_ids.intersection(ahead))
         self._held.difference_update(lost_ids)
-        return lost_ids
+        return [message_id for message_id in ids if message_id in lost_ids]
 
     # -- dead letters -------------------------------------------------------------------
     async def dead_letters(self, count: int = 100, before: str | None = None) -> list[dict[str, Any]]:
@@ -832,7 +981,13 @@ class RedisStreamQueue:
             return int(await redis.xdel(self.dead_letter_stream, *ids))
 
     async def close(self) -> None:
-        """Close the connections (idempotent; a dead server is not an error here)."""
+        """Put back the read-ahead messages never handed out (as ``release`` does: no
+        delivery counted), then close the connections (idempotent; a dead server is
+        not an error here: those messages then return after ``claim_idle``)."""
+        buffered, self._buffer = self._buffer, []
+        for delivery in buffered:
+            with contextlib.suppress(BrokerUnavailable, LifecycleError):
+                await self.release(delivery)
         if self._redis is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self._redis.aclose()

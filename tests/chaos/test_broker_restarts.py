@@ -124,13 +124,16 @@ def test_broker_killed_and_restarted_mid_drain_loses_no_job(
     started = time.monotonic()
     ran_at_kills = []
     for threshold, outage in zip((JOBS // 3, 2 * JOBS // 3), OUTAGES, strict=True):
-        wait_until(
-            lambda t=threshold: len(workers.executions()) >= t,  # type: ignore[misc]
-            timeout=120,
-            pool=workers,
-            what=f"{threshold} jobs run",
-            every=0.02,
-        )
+        try:
+            wait_until(
+                lambda t=threshold: len(workers.executions()) >= t,  # type: ignore[misc]
+                timeout=120,
+                pool=workers,
+                what=f"{threshold} jobs run",
+                every=0.02,
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{diagnosis(server, workers, name)}") from None
         server.kill()
         ran_at_kills.append(len(workers.executions()))
         outage_ends = time.monotonic() + outage
