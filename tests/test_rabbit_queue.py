@@ -360,3 +360,58 @@ async def test_bad_dead_letter_ids_are_refused(rabbit_url: str, name: str) -> No
             await call()
     assert await queue.purge([]) == 0 and await queue.replay([]) == 0 and await queue.dead_letters(0) == []
     await queue.close()
+
+
+# -- a dead-letter stream that has not come back after a crash of the broker -------------------
+
+
+class _Channel:
+    """Stands for an aio-pika channel: records declares, refuses the one named in
+    ``refuse`` with ``error`` (as the broker's channel exception would)."""
+
+    def __init__(self, refuse: str | None = None, error: str = "") -> None:
+        self.declared: list[str] = []
+        self.refuse, self.error = refuse, error
+        self.is_closed = False
+
+    async def declare_queue(self, name: str, **_options: Any) -> None:
+        if name == self.refuse:
+            self.is_closed = True  # a refused declare closes its channel
+            raise RuntimeError(self.error)
+        self.declared.append(name)
+
+    async def close(self) -> None:
+        self.is_closed = True
+
+
+class _Connection:
+    def __init__(self, side: _Channel) -> None:
+        self.side = side
+
+    async def channel(self) -> _Channel:
+        return self.side
+
+
+DOWN = "NOT_FOUND - home node 'rabbit@host' of durable queue 'jobs.dead' in vhost '/' is down or inaccessible"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_dead_letter_stream_still_down_after_a_crash_does_not_stop_consuming(anyio_backend: str) -> None:
+    from structlog.testing import capture_logs
+
+    queue = RabbitQueue(RABBIT_URL, queue="jobs")
+    publisher, side = _Channel(), _Channel(refuse="jobs.dead", error=DOWN)
+    with capture_logs() as logs:
+        await queue._declare(_Connection(side), publisher)  # type: ignore[arg-type]
+    assert publisher.declared == ["jobs"] and not publisher.is_closed  # the work queue, on its own channel
+    [event] = [log for log in logs if log["event"] == "queue.dead_letters_unavailable"]
+    assert event["log_level"] == "warning" and event["dead_letter_queue"] == "jobs.dead"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_any_other_refusal_of_the_dead_letter_stream_still_fails_the_declare(anyio_backend: str) -> None:
+    queue = RabbitQueue(RABBIT_URL, queue="jobs")
+    side = _Channel(refuse="jobs.dead", error="PRECONDITION_FAILED - inequivalent arg 'x-queue-type'")
+    with pytest.raises(RuntimeError, match="inequivalent"):
+        await queue._declare(_Connection(side), _Channel())  # type: ignore[arg-type]
+    assert side.is_closed

@@ -387,7 +387,7 @@ class RabbitQueue:
                 )
                 try:
                     publisher = await asyncio.wait_for(opened.channel(publisher_confirms=True), self.timeout)
-                    await asyncio.wait_for(self._declare(publisher), self.timeout)
+                    await asyncio.wait_for(self._declare(opened, publisher), self.timeout)
                 except BaseException:
                     await self._close_quietly(opened)
                     raise
@@ -396,13 +396,33 @@ class RabbitQueue:
             self._delay_queues.clear()
             return opened
 
-    async def _declare(self, channel: AbstractChannel) -> None:
+    async def _declare(self, connection: AbstractConnection, channel: AbstractChannel) -> None:
         await channel.declare_queue(self.queue, durable=True, arguments={"x-queue-type": "quorum"})
-        await channel.declare_queue(
-            self.dead_letter_queue,
-            durable=True,
-            arguments={"x-queue-type": "stream", "x-max-age": self.dead_letter_max_age},
-        )
+        # The dead-letter stream on a channel of its own: a declare the broker refuses
+        # closes its channel. A stream whose member has not come back yet after a crash
+        # of the broker ("home node ... is down or inaccessible"; seen for minutes after
+        # a kill -9) must not stop the work queue from being consumed: only dead-letter
+        # operations wait for it (they fail with BrokerUnavailable until it is back).
+        side = await connection.channel()
+        try:
+            await side.declare_queue(
+                self.dead_letter_queue,
+                durable=True,
+                arguments={"x-queue-type": "stream", "x-max-age": self.dead_letter_max_age},
+            )
+        except Exception as exc:
+            if "down or inaccessible" not in str(exc):
+                raise
+            LOG.warning(
+                "queue.dead_letters_unavailable",
+                queue=self.queue,
+                dead_letter_queue=self.dead_letter_queue,
+                error=redact(str(exc))[:300],
+            )
+        finally:
+            if not side.is_closed:
+                with contextlib.suppress(Exception):
+                    await side.close()
 
     async def _publish_channel(self) -> AbstractChannel:
         await self._connect()
