@@ -10,7 +10,8 @@ environment:
 - ``CLAIM_IDLE`` (seconds, default 2): the lease (Redis's ``claim_idle``, the other
   backends' ``lease``); ``CONCURRENCY`` (default 16), ``POLL_INTERVAL`` (seconds,
   default 0.5); ``BROKER_BACKOFF_MAX`` (seconds, default the Worker's): the cap on the
-  wait between attempts to reach a broker that is down.
+  wait between attempts to reach a broker that is down; ``JOB_SECONDS`` (default 0):
+  how long each ``count`` job takes.
 
 Why executions are counted in a local file and not in the broker: the chaos tests kill
 -9 the broker, and (Redis without appendonly) that can lose whatever the jobs wrote
@@ -58,9 +59,14 @@ async def recorder() -> AsyncIterator[Recorder]:
     os.close(rec.fd)
 
 
+JOB_SECONDS = float(os.environ.get("JOB_SECONDS", "0"))
+
+
 @job(name="count")
 async def count(i: int, rec: Annotated[Recorder, Depends(recorder)]) -> None:
-    """One execution of message ``i``."""
+    """One execution of message ``i`` (taking ``JOB_SECONDS``, so a drain lasts)."""
+    if JOB_SECONDS > 0:
+        await anyio.sleep(JOB_SECONDS)
     rec.write(f"count {i}")
 
 
