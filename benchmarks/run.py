@@ -71,6 +71,13 @@ def floor_candidate(worker_pool: bool = False) -> Any:
     return make
 
 
+def threaded_floor_candidate() -> Any:
+    async def make() -> tuple[JobFn, Any]:
+        return (lambda: trees.floor_job_threaded(1)), None
+
+    return make
+
+
 def fast_depends_candidate() -> Any:
     async def make() -> tuple[JobFn, Any]:
         from fast_depends import Depends, inject
@@ -147,6 +154,7 @@ def candidates(worker_pool: bool) -> list[Candidate]:
         ("hand-written AsyncExitStack (floor)", floor_candidate()),
         ("lifecycle (sync inline)", lifecycle_candidate(False)),
         ("lifecycle (sync threaded, default)", lifecycle_candidate(True)),
+        ("hand-written, sync steps in threads (fewest hops)", threaded_floor_candidate()),
         ("FastDepends (cast=False)", fast_depends_candidate()),
         ("taskiq-dependencies", taskiq_candidate()),
         ("dishka", dishka_candidate()),
@@ -337,6 +345,15 @@ async def measure_one_dependency(rounds: int, jobs: int) -> list[dict[str, Any]]
         async with AsyncExitStack() as stack:
             return int(await stack.enter_async_context(managed()))
 
+    async def floor_agen_guarded() -> int:
+        # What README "Semantics" rule 6 asks of lifecycle, by hand: one cancel scope
+        # around the job, shielding its teardown (lifecycle also bounds it).
+        with anyio.CancelScope() as guard:
+            async with AsyncExitStack() as stack:
+                value = int(await stack.enter_async_context(managed()))
+                guard.shield = True
+        return value
+
     async def floor_afunc() -> int:
         return await afunc()
 
@@ -348,6 +365,7 @@ async def measure_one_dependency(rounds: int, jobs: int) -> list[dict[str, Any]]
 
     shapes = [
         ("async generator (awaits in teardown)", agen, floor_agen),
+        ("the same; floor: its teardown shielded by hand (one cancel scope)", agen, floor_agen_guarded),
         ("async function", afunc, floor_afunc),
         ("sync function, threaded=False", lifecycle.dependency(threaded=False)(lambda: sfunc()), floor_sfunc),
         ("sync function, threaded (default; floor: one to_thread.run_sync)", lambda: sfunc(), floor_threaded),

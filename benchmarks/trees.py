@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import Any, NewType
 
+import anyio
+
 EVENTS: list[str] = []
 
 
@@ -171,6 +173,25 @@ async def floor_job(user_id: int, pool: str | None = None) -> int:
         lg = "logger"
         ck = await _clock()
         s = stack.enter_context(_sync_gen())
+        return await _handle(user_id, r, lg, ck, s)
+
+
+async def floor_job_threaded(user_id: int) -> int:
+    """``floor_job`` keeping every sync step off the event loop, as a careful hand would
+    with the fewest thread hops the setup order allows (the promise of lifecycle's
+    default ``threaded=True``): ``config``; ``repo`` and ``logger`` together; entering
+    ``sync_gen``; leaving it. Four ``to_thread.run_sync`` calls."""
+    async with AsyncExitStack() as stack:
+        p = await stack.enter_async_context(_pool())
+        c = await stack.enter_async_context(_conn(p))
+        t = await stack.enter_async_context(_tx(c))
+        cfg = await anyio.to_thread.run_sync(_config)
+        ca = await stack.enter_async_context(_cache(cfg))
+        r, lg = await anyio.to_thread.run_sync(lambda: ((t, ca), "logger"))
+        ck = await _clock()
+        manager = _sync_gen()
+        s = await anyio.to_thread.run_sync(manager.__enter__)
+        stack.push_async_exit(lambda *exc: anyio.to_thread.run_sync(manager.__exit__, *exc))
         return await _handle(user_id, r, lg, ck, s)
 
 
