@@ -6,27 +6,40 @@ plain Celery.
     python benchmarks/peers.py --jobs 2000 --rounds 3
 
 Every library uses the same Redis (127.0.0.1:6379, or ``BENCH_REDIS_URL``) and keys
-of its own (a fresh uuid). For each concurrency (1 and 64) each library is first
-checked: a batch of messages, each with its own number, must be processed exactly once
-(a library that fails is reported, never timed). Then the timed rounds: the messages
-are enqueued first, the consumer is started, and the time from its start to the last
-job done is measured (start-up included: each starts in well under the drain time).
+of its own (a fresh uuid). Each drain runs in a fresh interpreter of its own
+(``peers.py --consumer NAME``), so no library's global state or event-loop policy can
+touch another's, and a stuck one is killed at a deadline and reported, never hanging
+the run. arq pins ``redis<6`` while taskiq-redis and Celery's Redis transport need a
+newer redis-py, so arq runs from a virtualenv of its own, made on first use under
+``benchmarks/.venvs/arq`` (PyPI must be reachable then).
+
+For each concurrency (1 and 64) each library is first checked: a batch of messages,
+each with its own number, must be processed exactly once (a library that fails is
+reported, never timed). Then the timed rounds: the messages are enqueued first, the
+consumer is started, and the time from its start to the last job done is measured
+inside the child (start-up of the consumer included, interpreter start-up not).
 Libraries are interleaved within a round, in an order that changes per round, so a
 change of load on the machine hits them all; the figure is the median over rounds.
+lifecycle runs twice: at its default (no read-ahead) and with ``prefetch=8``.
 Plain Celery runs in a worker process of its own (solo pool at concurrency 1, threads
-pool at 64) and counts its jobs with an INCR (see ``celery_overhead.py``)."""
+pool at 64) and counts its jobs with an INCR (see ``celery_overhead.py``). arq polls
+for work every ``poll_delay`` (0.05 s here; its default is 0.5 s) and takes at most
+``max_jobs`` per poll, which bounds it at concurrency 1."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 import uuid
+import venv
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -34,15 +47,14 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import lifecycle
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
 
 URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
-# lifecycle's read-ahead (RedisStreamQueue(prefetch=...)); taskiq-redis reads 100 ahead
-# by default (xread_count), arq and SAQ poll with their own batch sizes.
-PREFETCH = int(os.environ.get("BENCH_PREFETCH", "8"))
+# Seconds a child may take for one drain (the check's or a timed one) before it is
+# killed and its library reported as stuck.
+DRAIN_DEADLINE = 240
 
 # A drain: (concurrency, numbers to enqueue) -> Counter of the numbers processed, and
 # the seconds from the consumer's start to the last job done.
@@ -66,7 +78,8 @@ async def _cleanup(*patterns: str) -> None:
     await redis.aclose()
 
 
-async def drain_lifecycle(concurrency: int, numbers: list[int]) -> tuple[Counter[int], float]:
+async def drain_lifecycle(concurrency: int, numbers: list[int], prefetch: int = 0) -> tuple[Counter[int], float]:
+    import lifecycle
     from lifecycle.queues import RedisStreamQueue
 
     done: Counter[int] = Counter()
@@ -76,7 +89,7 @@ async def drain_lifecycle(concurrency: int, numbers: list[int]) -> tuple[Counter
     async def work(n: int) -> None:
         done[n] += 1
 
-    queue = RedisStreamQueue(URL, stream=stream, group="bench", prefetch=PREFETCH)
+    queue = RedisStreamQueue(URL, stream=stream, group="bench", prefetch=prefetch)
     try:
         redis = Redis.from_url(URL)
         async with redis.pipeline(transaction=False) as pipe:  # the queue's own format, fast
@@ -200,78 +213,138 @@ async def drain_saq(concurrency: int, numbers: list[int]) -> tuple[Counter[int],
     return done, elapsed
 
 
-def celery_drain(concurrency: int) -> Callable[[int, list[int]], Awaitable[tuple[Counter[int], float]]]:
-    """Plain Celery in its own worker process; it reports exactly-once itself."""
-    import celery_overhead
+async def drain_lifecycle_prefetch(concurrency: int, numbers: list[int]) -> tuple[Counter[int], float]:
+    return await drain_lifecycle(concurrency, numbers, prefetch=8)
 
-    pool = ["-P", "solo", "-c", "1"] if concurrency == 1 else ["-P", "threads", "-c", str(concurrency)]
-    state: dict[str, Any] = {}
 
-    async def drain(_concurrency: int, numbers: list[int]) -> tuple[Counter[int], float]:
-        if "worker" not in state:
-            state["worker"] = await asyncio.to_thread(celery_overhead.CeleryWorker, "plain", pool)
+# Library -> (its drain in a child, the extra requirements of a virtualenv of its own or
+# None for this interpreter).
+CONSUMERS: dict[str, tuple[Drain, list[str] | None]] = {
+    "lifecycle RedisStreamQueue": (drain_lifecycle, None),
+    "lifecycle RedisStreamQueue, prefetch=8": (drain_lifecycle_prefetch, None),
+    "taskiq (taskiq-redis RedisStreamBroker)": (drain_taskiq, None),
+    "arq": (drain_arq, ["arq>=0.25"]),
+    "SAQ": (drain_saq, None),
+}
+OURS = "lifecycle RedisStreamQueue"
+
+
+def _python_for(name: str) -> str:
+    """This interpreter, or the one of the library's own virtualenv (made once)."""
+    requirements = CONSUMERS[name][1]
+    if requirements is None:
+        return sys.executable
+    home = HERE / ".venvs" / name
+    python = home / "bin" / "python"
+    if not python.exists():
+        print(f"  making a virtualenv for {name} in {home}", file=sys.stderr, flush=True)
+        venv.create(home, with_pip=True, clear=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *requirements], check=True)
+    return str(python)
+
+
+def drain_in_child(name: str, concurrency: int, numbers: list[int]) -> tuple[Counter[int], float]:
+    """One drain of ``name`` in a fresh interpreter; raises on a crash or a stall."""
+    spec = json.dumps({"consumer": name, "concurrency": concurrency, "first": numbers[0], "count": len(numbers)})
+    try:
+        child = subprocess.run(
+            [_python_for(name), __file__, "--child", spec],
+            capture_output=True,
+            text=True,
+            timeout=DRAIN_DEADLINE,
+            env={**os.environ, "PYTHONPATH": str(HERE)},
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"stuck: no result in {DRAIN_DEADLINE}s") from None
+    if child.returncode != 0:
+        last = (child.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"exit {child.returncode}: {last}")
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    return Counter({int(n): times for n, times in result["done"].items()}), result["elapsed"]
+
+
+def child_main(spec_text: str) -> None:
+    """The child: run one drain and print what it processed and how long it took."""
+    spec = json.loads(spec_text)
+    step = -1 if spec["first"] < 0 else 1
+    numbers = list(range(spec["first"], spec["first"] + step * spec["count"], step))
+    drain = CONSUMERS[spec["consumer"]][0]
+    done, elapsed = asyncio.run(drain(spec["concurrency"], numbers))
+    print(json.dumps({"done": {str(n): times for n, times in done.items()}, "elapsed": elapsed}), flush=True)
+
+
+class CeleryDrain:
+    """Plain Celery in a worker process of its own, reused across its drains; it checks
+    exactly-once itself (see ``celery_overhead.py``)."""
+
+    def __init__(self, concurrency: int) -> None:
+        self.pool = ["-P", "solo", "-c", "1"] if concurrency == 1 else ["-P", "threads", "-c", str(concurrency)]
+        self.worker: Any = None
+
+    def __call__(self, concurrency: int, numbers: list[int]) -> tuple[Counter[int], float]:
+        import celery_overhead
+
+        if self.worker is None:
+            self.worker = celery_overhead.CeleryWorker("plain", self.pool)
         check = numbers[0] < 0  # the check batch: drain() verifies once-only itself
-        rate = await asyncio.to_thread(state["worker"].drain, len(numbers), check=check)
+        rate = self.worker.drain(len(numbers), check=check, deadline=DRAIN_DEADLINE)
         return Counter(numbers), len(numbers) / rate
 
-    drain.stop = lambda: state["worker"].stop() if "worker" in state else None  # type: ignore[attr-defined]
-    return drain
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
 
 
-PEERS: dict[str, Drain] = {
-    "lifecycle RedisStreamQueue": drain_lifecycle,
-    "taskiq (taskiq-redis RedisStreamBroker)": drain_taskiq,
-    "arq": drain_arq,
-    "SAQ": drain_saq,
-}
-
-
-async def run(jobs: int, rounds: int, concurrencies: list[int], with_celery: bool) -> list[str]:
+def run(jobs: int, rounds: int, concurrencies: list[int], with_celery: bool) -> list[str]:
     rows = []
     for concurrency in concurrencies:
-        peers: dict[str, Any] = dict(PEERS)
-        if with_celery:
-            peers["plain Celery (" + ("solo" if concurrency == 1 else "threads") + " pool)"] = celery_drain(concurrency)
+        drains: dict[str, Callable[[int, list[int]], tuple[Counter[int], float]]] = {
+            name: (lambda c, numbers, name=name: drain_in_child(name, c, numbers)) for name in CONSUMERS
+        }
+        celery = CeleryDrain(concurrency) if with_celery else None
+        if celery is not None:
+            drains["plain Celery (" + ("solo" if concurrency == 1 else "threads") + " pool)"] = celery
         failed: dict[str, str] = {}
-        for name, drain in peers.items():  # correctness before timing
-            numbers = list(range(-1, -201, -1))
-            print(f"  check: {name}, concurrency {concurrency}", file=sys.stderr, flush=True)
-            try:
-                done, _ = await asyncio.wait_for(drain(concurrency, numbers), 120)
-            except Exception as exc:
-                failed[name] = f"{type(exc).__name__}: {exc}"[:200]
-                continue
-            if done != Counter(numbers):
-                failed[name] = f"processed {sum(done.values())} of {len(numbers)}, duplicates or misses"
-        rates: dict[str, list[float]] = {name: [] for name in peers if name not in failed}
-        for round_ in range(rounds):
-            order = list(rates)
-            random.Random(round_).shuffle(order)
-            for name in order:
-                if name in failed:
-                    continue
-                numbers = list(range(jobs))
-                print(f"  round {round_}: {name}, concurrency {concurrency}", file=sys.stderr, flush=True)
+        try:
+            for name, drain in drains.items():  # correctness before timing
+                numbers = list(range(-1, -201, -1))
+                print(f"  check: {name}, concurrency {concurrency}", file=sys.stderr, flush=True)
                 try:
-                    done, elapsed = await asyncio.wait_for(peers[name](concurrency, numbers), 180)
+                    done, _ = drain(concurrency, numbers)
                 except Exception as exc:
-                    failed[name] = f"round {round_}: {type(exc).__name__}: {exc}"[:200]
+                    failed[name] = f"{type(exc).__name__}: {exc}"[:200]
                     continue
                 if done != Counter(numbers):
-                    failed[name] = f"round {round_}: not every message once"
-                rates[name].append(jobs / elapsed)
-        for drain in peers.values():
-            if hasattr(drain, "stop"):
-                await asyncio.to_thread(drain.stop)
-        ours = statistics.median(rates["lifecycle RedisStreamQueue"]) if "lifecycle RedisStreamQueue" in rates else None
-        for name in peers:
+                    failed[name] = f"processed {sum(done.values())} of {len(numbers)}, duplicates or misses"
+            rates: dict[str, list[float]] = {name: [] for name in drains if name not in failed}
+            for round_ in range(rounds):
+                order = list(rates)
+                random.Random(round_).shuffle(order)
+                for name in order:
+                    if name in failed:
+                        continue
+                    numbers = list(range(jobs))
+                    print(f"  round {round_}: {name}, concurrency {concurrency}", file=sys.stderr, flush=True)
+                    try:
+                        done, elapsed = drains[name](concurrency, numbers)
+                    except Exception as exc:
+                        failed[name] = f"round {round_}: {type(exc).__name__}: {exc}"[:200]
+                        continue
+                    if done != Counter(numbers):
+                        failed[name] = f"round {round_}: not every message once"
+                    rates[name].append(jobs / elapsed)
+        finally:
+            if celery is not None:
+                celery.stop()
+        ours = statistics.median(rates[OURS]) if OURS in rates and OURS not in failed else None
+        for name in drains:
             if name in failed:
                 rows.append(f"| {name} | {concurrency} | not measured: {failed[name]} | - |")
                 continue
             rate = statistics.median(rates[name])
             ratio = f"{ours / rate:.2f}" if ours else "-"
             rows.append(f"| {name} | {concurrency} | {rate:,.0f} | {ratio} |")
-        for row in rows[-len(peers) :]:  # each concurrency's rows as soon as they are known
+        for row in rows[-len(drains) :]:  # each concurrency's rows as soon as they are known
             print(row, flush=True)
     return rows
 
@@ -282,15 +355,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--concurrency", default="1,64", help="comma-separated")
     parser.add_argument("--no-celery", action="store_true", help="leave plain Celery out")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one drain, in a child
     options = parser.parse_args()
+    if options.child:
+        child_main(options.child)
+        return
     load = os.getloadavg()
     print(
         f"# Redis queues, one run ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "
         f"load {load[0]:.1f}/{load[1]:.1f}, {options.jobs} messages x {options.rounds} rounds)\n"
     )
-    print("| library | concurrency | msg/s (median) | lifecycle / this |\n|---|---:|---:|---:|")
+    print("| library | concurrency | msg/s (median) | lifecycle (default) / this |\n|---|---:|---:|---:|")
     concurrencies = [int(c) for c in options.concurrency.split(",")]
-    asyncio.run(run(options.jobs, options.rounds, concurrencies, not options.no_celery))
+    run(options.jobs, options.rounds, concurrencies, not options.no_celery)
 
 
 if __name__ == "__main__":

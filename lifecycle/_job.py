@@ -410,7 +410,7 @@ def _type_name(annotation: Any) -> str:
 
 def _payload_fields(job_name: str, job_label: str, params: tuple[Param, ...], plan: Plan) -> dict[str, Any]:
     """One type per payload name: the job's annotation, or that of a job-scoped
-    dependency's by-name parameter of the same name (README, "Declaring dependencies").
+    dependency's by-name parameter of the same name (docs/concepts.md).
     Two that disagree are a ``DependencyError``; ``Any``/unannotated agrees with all."""
     fields = {p.name: _constraint(p) for p in params}
     owners = {p.name: "the job" for p in params}

@@ -1,4 +1,4 @@
-"""Safe, quiet logs (README, "Logging"): the library never prints by itself (unconfigured
+"""Safe, quiet logs (docs/operations.md, "Logs"): the library never prints by itself (unconfigured
 structlog: its events go to the stdlib logger ``lifecycle``), expected outcomes log one
 line without a traceback, unexpected errors keep theirs (plain text, never frame
 locals), and a password reaches no log line."""

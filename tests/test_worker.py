@@ -1,4 +1,4 @@
-"""Worker semantics (README, "Workers and queues") against MemoryQueue, on asyncio and trio."""
+"""Worker semantics (docs/workers.md) against MemoryQueue, on asyncio and trio."""
 
 from collections.abc import Sequence
 from typing import Any
