@@ -13,7 +13,7 @@ Why it is shaped this way:
 - Celery raises its soft time limit (and a revoke's termination) *in the task thread*
   at any bytecode, so everything a task thread does can be interrupted: before its job
   reached the loop, while the loop was still starting, or while it waits. Each job is
-  therefore a ``_Call`` that the task thread can cancel at any of those moments; a job
+  therefore a ``Call`` that the task thread can cancel at any of those moments; a job
   cancelled before it started never starts, one cancelled later is cancelled on the
   loop, and the task thread waits for its teardown before re-raising.
 - Closing (from a shutdown signal, from another thread, twice, or while the loop is
@@ -26,9 +26,7 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-import contextlib
 import enum
 import inspect
 import os
@@ -51,6 +49,7 @@ from ._job import Job
 from ._log import LOG, describe, traceback_text
 from ._markers import Depends
 from ._observe import Carried, carried, configured_tracer_provider, inject_headers
+from ._process_loop import Call, JobHost, ProcessClosed, call_soon_threadsafe
 from ._retry import RetryPolicy, Verdict
 from ._runtime import Runtime
 
@@ -116,11 +115,6 @@ _CLOSED_POLL = 0.5
 _DELIVERY_OPTIONS = (("acks_late", "task_acks_late"), ("reject_on_worker_lost", "task_reject_on_worker_lost"))
 
 
-class _ProcessClosed(LifecycleError):
-    """The process's runtime is closing or closed: the job did not run, or was cancelled
-    by the shutdown; its teardown has run. Mapped to Celery's ``Reject(requeue=True)``."""
-
-
 class _State(enum.IntEnum):
     NEW = 0
     STARTING = 1
@@ -129,23 +123,7 @@ class _State(enum.IntEnum):
     CLOSED = 4
 
 
-class _Call:
-    """One job submitted to the loop, cancellable from the task thread at any moment.
-
-    ``lock`` orders the task thread's cancel against the loop's start: whichever comes
-    first wins, so a job cancelled before it started never starts, and one that started
-    has published its scope for the task thread to cancel on the loop."""
-
-    __slots__ = ("cancelled", "done", "lock", "scope")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.cancelled = False
-        self.scope: anyio.CancelScope | None = None
-        self.done = threading.Event()  # the job, teardown included, is over (or never ran)
-
-
-class _ProcessRuntime:
+class _ProcessRuntime(JobHost):
     """The event loop thread and the Runtime of one worker process.
 
     Every method may be called from any thread except the loop thread. ``start`` is
@@ -158,25 +136,22 @@ class _ProcessRuntime:
         backend: the anyio backend of the loop, ``"asyncio"`` or ``"trio"``.
     """
 
+    cancelled_reason = "soft time limit or shutdown"
+
     def __init__(self, make_runtime: Callable[[], Runtime], backend: str) -> None:
+        super().__init__()
         self.make_runtime = make_runtime
         self.backend = backend
-        self.pid = os.getpid()
-        self.runtime: Runtime | None = None
-        self.portal: BlockingPortal | None = None
         self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
         self._host: concurrent.futures.Future[None] | None = None
-        # Loop-thread state: the stop signal, the jobs in flight, and whether new ones
-        # are still accepted. Only the loop thread reads or writes these.
+        # Loop-thread state (with JobHost's): the stop signal. Only the loop thread
+        # reads or writes it.
         self._stop: anyio.Event | None = None
-        self._drained: anyio.Event | None = None
-        self._inflight: set[_Call] = set()
         # The task group jobs run in, and the loop's own thread-safe "call this soon"
         # (set while the runtime is open). Submitting through it costs one wake-up of
         # the loop thread; a BlockingPortal's start_task_soon costs a round trip more.
         self._jobs: TaskGroup | None = None
         self._schedule: Callable[..., object] | None = None
-        self._accepting = False
         self._stop_requested = False
         self._loop_thread: int | None = None
         # Thread-side state, under _lock (held for the whole of start, so a close from
@@ -197,7 +172,7 @@ class _ProcessRuntime:
     def start(self) -> None:
         """Start the loop thread and open the Runtime in it (no-op when running).
 
-        Raises ``_ProcessClosed`` once closing has begun. If anything interrupts the
+        Raises ``ProcessClosed`` once closing has begun. If anything interrupts the
         start (a soft time limit in the task thread included), what was started is
         stopped again and the next call starts afresh."""
         if self.running:
@@ -206,7 +181,7 @@ class _ProcessRuntime:
             if self._state is _State.RUNNING:
                 return
             if self._state is not _State.NEW or self._close_requested:
-                raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed")
+                raise ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed")
             self._state = _State.STARTING
             self._starter = threading.get_ident()
             try:
@@ -220,7 +195,7 @@ class _ProcessRuntime:
             self._state = _State.RUNNING
         if self._close_requested:  # a close() ran in this thread while we started
             self.close()
-            raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} closed while starting")
+            raise ProcessClosed(f"the lifecycle runtime of worker process {self.pid} closed while starting")
 
     def _open_loop(self) -> None:
         # Started by a helper thread: Python runs signal handlers (Celery's soft time
@@ -268,19 +243,14 @@ class _ProcessRuntime:
             async with self.make_runtime() as runtime, anyio.create_task_group() as jobs:
                 self.runtime = runtime
                 self._jobs = jobs
-                self._schedule = _thread_safe_scheduler(self.backend)
+                self._schedule = call_soon_threadsafe(self.backend)
                 self._accepting = True
                 ready.set_result(None)
                 await self._stop.wait()
                 # Jobs still in flight are orphans now (Celery no longer waits for
                 # them): cancel them and let their teardown finish while worker scope,
                 # which they may still use, is alive.
-                self._accepting = False
-                for call in list(self._inflight):
-                    assert call.scope is not None
-                    call.scope.cancel()
-                if self._inflight:
-                    await self._drained.wait()
+                await self.cancel_inflight()
         except BaseException as exc:
             if not ready.done():
                 ready.set_exception(exc)
@@ -308,27 +278,27 @@ class _ProcessRuntime:
             work: the job, called on the loop with the process's Runtime.
 
         Raises:
-            _ProcessClosed: the runtime is not running (the job never started), or
+            ProcessClosed: the runtime is not running (the job never started), or
                 closing cancelled the job (after its teardown ran).
         """
-        call = _Call()
+        call = Call()
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         scheduled: bool | None = None  # None: not tried; False: interrupted half-way
         try:
             schedule = self._schedule
             if schedule is None or self._state is not _State.RUNNING:
-                raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is not running")
+                raise ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is not running")
             scheduled = False
             try:
                 schedule(self._spawn, work, call, future)
             except RuntimeError as exc:  # the loop ended between the check and here
                 call.done.set()  # the callback was not queued: nothing will ever run
-                raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed") from exc
+                raise ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed") from exc
             scheduled = True
             return self._result(future)
         except BaseException:
             if scheduled is not None and not call.done.is_set():
-                self._cancel(call)
+                self.cancel(call)
                 # A submission interrupted half-way may never reach the loop: bound the
                 # wait then. Otherwise the wait is bounded by the job's teardown.
                 self._wait_done(call, None if scheduled else _UNSURE_SUBMIT_WAIT)
@@ -342,10 +312,10 @@ class _ProcessRuntime:
                 return future.result(timeout=_CLOSED_POLL)
             except concurrent.futures.TimeoutError:
                 if self._state is _State.CLOSED and not future.done():
-                    raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed") from None
+                    raise ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed") from None
 
     def _spawn(
-        self, work: Callable[[Runtime], Awaitable[T]], call: _Call, future: concurrent.futures.Future[T]
+        self, work: Callable[[Runtime], Awaitable[T]], call: Call, future: concurrent.futures.Future[T]
     ) -> None:  # on the loop thread, as a plain callback
         jobs = self._jobs
         # A loop callback runs outside any task, where anyio cannot tell which loop it
@@ -357,19 +327,19 @@ class _ProcessRuntime:
             jobs.start_soon(self._host_future, work, call, future)
         except RuntimeError:
             call.done.set()
-            future.set_exception(_ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed"))
+            future.set_exception(ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed"))
         finally:
             sniffio.current_async_library_cvar.reset(library)
 
     async def _host_future(
-        self, work: Callable[[Runtime], Awaitable[T]], call: _Call, future: concurrent.futures.Future[T]
+        self, work: Callable[[Runtime], Awaitable[T]], call: Call, future: concurrent.futures.Future[T]
     ) -> None:
         try:
-            result = await self._host_call(work, call)
+            result = await self.host_call(work, call)
         except anyio.get_cancelled_exc_class():
             # The loop itself is being torn down (not a job's own scope: that one ends
-            # in _ProcessClosed inside _host_call).
-            future.set_exception(_ProcessClosed(f"the job was cancelled in worker process {self.pid} (shutdown)"))
+            # in ProcessClosed inside host_call).
+            future.set_exception(ProcessClosed(f"the job was cancelled in worker process {self.pid} (shutdown)"))
             raise
         except BaseException as exc:
             # Never into the task group: one job's failure must not cancel the others.
@@ -379,42 +349,7 @@ class _ProcessRuntime:
         else:
             future.set_result(result)
 
-    async def _host_call(self, work: Callable[[Runtime], Awaitable[T]], call: _Call) -> T:
-        try:
-            with call.lock:
-                if call.cancelled:  # the task thread gave up before the job started
-                    raise _ProcessClosed(f"job abandoned before it started in worker process {self.pid}")
-                scope = call.scope = anyio.CancelScope()
-            if not self._accepting:
-                raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closing")
-            assert self.runtime is not None
-            self._inflight.add(call)
-            try:
-                with scope:
-                    return await work(self.runtime)
-            finally:
-                self._inflight.discard(call)
-                if not self._accepting and not self._inflight and self._drained is not None:
-                    self._drained.set()
-            # Reached only when the scope swallowed our own cancellation: the task
-            # thread cancelled the job (and no longer waits for this) or close() did.
-            raise _ProcessClosed(f"the job was cancelled in worker process {self.pid} (soft time limit or shutdown)")
-        finally:
-            call.done.set()
-
-    def _cancel(self, call: _Call) -> None:
-        with call.lock:
-            call.cancelled = True
-            scope = call.scope
-        portal = self.portal
-        if scope is None or portal is None:
-            return  # not started: it sees `cancelled` when it starts; or close() cancels it
-        # Scopes belong to the loop thread (trio checks). A RuntimeError means the portal
-        # stopped, and close() cancelled the job already.
-        with contextlib.suppress(RuntimeError):
-            portal.call(scope.cancel)
-
-    def _wait_done(self, call: _Call, limit: float | None) -> None:
+    def _wait_done(self, call: Call, limit: float | None) -> None:
         # The job's teardown is bounded by teardown_timeout per dependency, and Celery's
         # hard time limit ends the process. Poll so that a close() that finished
         # meanwhile also ends the wait.
@@ -629,7 +564,7 @@ class CeleryLifecycle:
     def process_runtime(self) -> _ProcessRuntime:
         """This process's runtime, started on first use (never before a fork).
 
-        Raises ``_ProcessClosed`` once this process's runtime was closed: a process is
+        Raises ``ProcessClosed`` once this process's runtime was closed: a process is
         never given a second worker scope that nothing would tear down."""
         process = self._process
         if process is None or process.pid != os.getpid():
@@ -768,7 +703,7 @@ class CeleryLifecycle:
         except Reject as exc:
             self._settled(job.name, "rejected")
             raise CeleryReject(exc.reason, requeue=False) from exc
-        except _ProcessClosed as exc:
+        except ProcessClosed as exc:
             self._settled(job.name, "released")
             # Nothing ran, or the shutdown cancelled the job after which its teardown ran:
             # give the message back to the broker for another worker (at-least-once).
@@ -805,16 +740,6 @@ def _carried(app: Celery, request: Any) -> Carried:
     if isinstance(destination, str) and destination:
         attributes["messaging.destination.name"] = destination
     return Carried(headers, attributes)
-
-
-def _thread_safe_scheduler(backend: str) -> Callable[..., object]:
-    """The running loop's thread-safe ``call this soon`` (call it on the loop thread):
-    it queues a plain callback and wakes the loop, without waiting for an answer."""
-    if backend == "trio":
-        import trio  # a core dependency, imported only by processes whose loop is trio's
-
-        return trio.lowlevel.current_trio_token().run_sync_soon
-    return asyncio.get_running_loop().call_soon_threadsafe
 
 
 def _validating_base(job: Job[..., Any], base: type) -> type:

@@ -15,7 +15,7 @@ Why it is shaped this way:
 - Dramatiq enforces ``time_limit`` (and ``notify_shutdown``) by raising an exception
   *asynchronously in the worker thread* (``PyThreadState_SetAsyncExc``), which lands at
   the next bytecode that thread runs and never in a blocking wait. The thread therefore
-  waits in short slices, and each job is a ``_Call`` it can cancel at any moment: a job
+  waits in short slices, and each job is a ``Call`` it can cancel at any moment: a job
   cancelled before it started never starts, one cancelled later is cancelled on the
   loop (its generators see the backend's cancellation at their ``yield``), and the
   thread waits for the job's teardown before the exception reaches Dramatiq, which then
@@ -62,6 +62,7 @@ from ._errors import DependencyError, LifecycleError, PayloadError, Reject, Retr
 from ._job import Job
 from ._log import LOG, describe, traceback_text
 from ._markers import Depends
+from ._process_loop import Call, JobHost, ProcessClosed, call_soon_threadsafe
 from ._retry import RetryPolicy, Verdict
 from ._runtime import Runtime
 
@@ -88,11 +89,6 @@ _NEVER_RETRIED: tuple[type[BaseException], ...] = (Reject, DependencyError, Payl
 _POLICY = RetryPolicy()
 
 
-class _ProcessClosed(LifecycleError):
-    """The process's runtime is closing or closed: the job did not run, or closing
-    cancelled it (after its teardown ran)."""
-
-
 class _StartupFailed(StartupError, MiddlewareError):
     """A ``StartupError`` Dramatiq lets through ``before_worker_boot`` (it swallows any
     other middleware error), so a worker process whose worker scope cannot be created
@@ -106,27 +102,11 @@ class _State(enum.IntEnum):
     CLOSED = 3
 
 
-class _Call:
-    """One job submitted to the loop, cancellable from its worker thread at any moment.
-
-    ``lock`` orders the thread's cancel against the loop's start: whichever comes first
-    wins, so a job cancelled before it started never starts, and one that started has
-    published its scope for the thread to cancel on the loop."""
-
-    __slots__ = ("cancelled", "done", "lock", "scope")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.cancelled = False
-        self.scope: anyio.CancelScope | None = None
-        self.done = threading.Event()  # the job, teardown included, is over (or never ran)
-
-
-class _ProcessLoop:
+class _ProcessLoop(JobHost):
     """The event loop thread and the Runtime of one worker process.
 
     Every method may be called from any thread except the loop thread. ``start`` is
-    idempotent and raises ``_ProcessClosed`` once closing began; ``close`` is idempotent
+    idempotent and raises ``ProcessClosed`` once closing began; ``close`` is idempotent
     and waits for a close already under way in another thread.
 
     Args:
@@ -135,21 +115,16 @@ class _ProcessLoop:
     """
 
     def __init__(self, make_runtime: Callable[[], Runtime], backend: str) -> None:
+        super().__init__()
         self.make_runtime = make_runtime
         self.backend = backend
-        self.pid = os.getpid()
-        self.runtime: Runtime | None = None
-        self.portal: BlockingPortal | None = None
         self._thread: threading.Thread | None = None
         self._teardown_error: BaseException | None = None
-        # Loop-thread state: the stop signal, the jobs in flight, whether new ones are
-        # still accepted. Only the loop thread touches these.
+        # Loop-thread state (with JobHost's): the stop signal and the jobs waiting for
+        # the dispatcher. Only the loop thread touches these.
         self._stop: anyio.Event | None = None
-        self._drained: anyio.Event | None = None
-        self._inflight: set[_Call] = set()
-        self._accepting = False
         self._wake: anyio.Event | None = None  # set when _queue has jobs to start
-        self._queue: collections.deque[tuple[Any, _Call, concurrent.futures.Future[Any]]] = collections.deque()
+        self._queue: collections.deque[tuple[Any, Call, concurrent.futures.Future[Any]]] = collections.deque()
         self._call_soon: Callable[..., Any] | None = None
         # Thread-side state, under _lock.
         self._lock = threading.Lock()
@@ -175,7 +150,7 @@ class _ProcessLoop:
             if self.running:
                 return
             if self._state is not _State.NEW:
-                raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed")
+                raise ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed")
             ready: concurrent.futures.Future[None] = concurrent.futures.Future()
             thread = threading.Thread(
                 target=self._main, args=(ready,), name=f"lifecycle-dramatiq-{self.pid}", daemon=True
@@ -212,7 +187,7 @@ class _ProcessLoop:
                     await self._dispatch(jobs)
 
             jobs.start_soon(dispatch)
-            self._call_soon = _call_soon_threadsafe(self.backend)
+            self._call_soon = call_soon_threadsafe(self.backend)
             self._accepting = True
             ready.set_result(None)
             await self._stop.wait()
@@ -222,11 +197,7 @@ class _ProcessLoop:
             self._accepting = False
             dispatcher.cancel()
             self._refuse_queued()
-            for call in list(self._inflight):
-                assert call.scope is not None
-                call.scope.cancel()
-            if self._inflight:
-                await self._drained.wait()
+            await self.cancel_inflight()
 
     def _request_stop(self) -> None:  # on the loop thread
         assert self._stop is not None
@@ -266,16 +237,16 @@ class _ProcessLoop:
             work: the job, called on the loop with the process's Runtime.
 
         Raises:
-            _ProcessClosed: the runtime is closed (the job never started), or closing
+            ProcessClosed: the runtime is closed (the job never started), or closing
                 cancelled the job (after its teardown ran).
         """
-        call = _Call()
+        call = Call()
         submitted = False
         future: concurrent.futures.Future[T] | None = None
         try:
             call_soon, thread = self._call_soon, self._thread
             if call_soon is None or thread is None or self._state is not _State.RUNNING:
-                raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is not running")
+                raise ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is not running")
             submitted = True
             pending: concurrent.futures.Future[T] = concurrent.futures.Future()
             try:
@@ -284,7 +255,7 @@ class _ProcessLoop:
                 # start: a second hop, which doubled the cost per message).
                 call_soon(self._spawn, work, call, pending)
             except RuntimeError as exc:  # the loop stopped between the check and here
-                raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed") from exc
+                raise ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed") from exc
             future = pending
             # Short slices, so that an asynchronous exception is raised within _POLL.
             while True:
@@ -294,7 +265,7 @@ class _ProcessLoop:
                     if future.done():
                         raise  # the job's own TimeoutError, not the wait's
                     if not thread.is_alive():  # the loop ended before it could start the job
-                        raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed") from None
+                        raise ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closed") from None
 
         except BaseException:
             if submitted and not call.done.is_set():
@@ -304,10 +275,10 @@ class _ProcessLoop:
             raise
 
     def _spawn(
-        self, work: Callable[[Runtime], Awaitable[T]], call: _Call, future: concurrent.futures.Future[T]
+        self, work: Callable[[Runtime], Awaitable[T]], call: Call, future: concurrent.futures.Future[T]
     ) -> None:  # on the loop thread, as a callback outside any task: it must never raise
         if not self._accepting or self._wake is None:
-            future.set_exception(_ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closing"))
+            future.set_exception(ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closing"))
             call.done.set()
             return
         # A callback cannot start a task (anyio needs a task to know its backend); the
@@ -328,14 +299,14 @@ class _ProcessLoop:
     def _refuse_queued(self) -> None:
         while self._queue:
             _work, call, future = self._queue.popleft()
-            future.set_exception(_ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closing"))
+            future.set_exception(ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closing"))
             call.done.set()
 
     async def _host(
-        self, work: Callable[[Runtime], Awaitable[T]], call: _Call, future: concurrent.futures.Future[T]
+        self, work: Callable[[Runtime], Awaitable[T]], call: Call, future: concurrent.futures.Future[T]
     ) -> None:
         try:
-            result = await self._host_call(work, call)
+            result = await self.host_call(work, call)
         except BaseException as exc:
             future.set_exception(exc)
             if not isinstance(exc, Exception):
@@ -343,55 +314,20 @@ class _ProcessLoop:
         else:
             future.set_result(result)
 
-    async def _host_call(self, work: Callable[[Runtime], Awaitable[T]], call: _Call) -> T:
-        try:
-            with call.lock:
-                if call.cancelled:  # the worker thread gave up before the job started
-                    raise _ProcessClosed(f"job abandoned before it started in worker process {self.pid}")
-                scope = call.scope = anyio.CancelScope()
-            if not self._accepting:
-                raise _ProcessClosed(f"the lifecycle runtime of worker process {self.pid} is closing")
-            assert self.runtime is not None
-            self._inflight.add(call)
-            try:
-                with scope:
-                    return await work(self.runtime)
-            finally:
-                self._inflight.discard(call)
-                if not self._accepting and not self._inflight and self._drained is not None:
-                    self._drained.set()
-            # Reached only when the scope swallowed our own cancellation: the worker
-            # thread cancelled the job (and re-raises its own exception) or close() did.
-            raise _ProcessClosed(f"the job was cancelled by the shutdown of worker process {self.pid}")
-        finally:
-            call.done.set()
-
-    def _abandon(self, call: _Call, limit: float | None) -> None:
+    def _abandon(self, call: Call, limit: float | None) -> None:
         # Cancel the job and wait for its teardown, to the end: a second asynchronous
         # exception (a shutdown notification after a time limit) landing in here starts
         # the cancel over (it is idempotent) instead of cutting the wait short. The
         # caller re-raises the first exception.
         while True:
             try:
-                self._cancel(call)
+                self.cancel(call)
                 self._wait_done(call, limit)
                 return
             except BaseException:
                 continue
 
-    def _cancel(self, call: _Call) -> None:
-        with call.lock:
-            call.cancelled = True
-            scope = call.scope
-        portal = self.portal
-        if scope is None or portal is None:
-            return  # not started: it sees `cancelled` when it starts; or close() cancels it
-        # Scopes belong to the loop thread (trio checks). A RuntimeError means the portal
-        # stopped, and close() cancelled the job already.
-        with contextlib.suppress(RuntimeError):
-            portal.call(scope.cancel)
-
-    def _wait_done(self, call: _Call, limit: float | None) -> None:
+    def _wait_done(self, call: Call, limit: float | None) -> None:
         # The job's teardown is bounded by teardown_timeout per dependency. A second
         # asynchronous exception (a shutdown notification after a time limit) must not
         # end the wait either: the caller re-raises the first one once teardown is over.
@@ -441,19 +377,6 @@ class _ProcessLoop:
             self.portal = None
             self._state = _State.CLOSED
             self._closed.set()
-
-
-def _call_soon_threadsafe(backend: str) -> Callable[..., Any]:
-    """The running loop's way to run a callback soon, called from another thread
-    without waiting: asyncio's ``call_soon_threadsafe``, trio's ``run_sync_soon``. Both
-    raise ``RuntimeError`` once the loop has ended."""
-    if backend == "trio":
-        import trio
-
-        return trio.lowlevel.current_trio_token().run_sync_soon
-    import asyncio
-
-    return asyncio.get_running_loop().call_soon_threadsafe
 
 
 class _Current(threading.local):
@@ -618,7 +541,7 @@ class DramatiqLifecycle:
     def process_runtime(self) -> _ProcessLoop:
         """This process's runtime, started on first use (never before a fork).
 
-        Raises ``_ProcessClosed`` once it was closed: a process is never given a second
+        Raises ``ProcessClosed`` once it was closed: a process is never given a second
         worker scope that nothing would tear down."""
         process = self._process
         if process is None or process.pid != os.getpid():
@@ -767,7 +690,7 @@ class DramatiqLifecycle:
                 raise LifecycleError(_retries_exhausted(job, attempt, max_retries, exc)) from exc
             delay = None if exc.delay is None else round(exc.delay * 1000)
             raise dramatiq.Retry(str(exc), delay=delay) from exc
-        except _ProcessClosed:
+        except ProcessClosed:
             if self._worker_stopping and message is not None:
                 # The worker's shutdown closed the runtime and cancelled this job (its
                 # teardown has run): Dramatiq's shutdown timeout passed and it gave up

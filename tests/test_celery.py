@@ -25,11 +25,11 @@ from structlog.testing import capture_logs
 from support import REDIS_URL, require_service
 
 from lifecycle import Depends, JobContext, LifecycleError, Retry, Runtime, dependency, job
-from lifecycle.celery import CeleryLifecycle, _Call, _ProcessClosed, _ProcessRuntime
+from lifecycle._process_loop import Call, ProcessClosed
+from lifecycle.celery import CeleryLifecycle, _ProcessRuntime
 
 BROKER = os.environ.get("LIFECYCLE_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
 TESTS = Path(__file__).parent
-
 
 
 @pytest.fixture
@@ -319,7 +319,7 @@ def test_a_soft_time_limit_before_the_job_reached_the_loop_never_starts_it(
         rt.portal.start_task_soon(lambda: (blocking.set(), gate.wait(30)))
         assert blocking.wait(30)
         submitting = threading.Event()
-        schedule, cancel = rt._schedule, rt._cancel
+        schedule, cancel = rt._schedule, rt.cancel
         assert schedule is not None
 
         def schedule_and_tell(*args: Any) -> Any:
@@ -331,7 +331,7 @@ def test_a_soft_time_limit_before_the_job_reached_the_loop_never_starts_it(
             gate.set()
 
         rt._schedule = schedule_and_tell
-        rt._cancel = cancel_then_release  # type: ignore[method-assign]
+        rt.cancel = cancel_then_release  # type: ignore[method-assign]
         sigusr1.append(soft_time_limit)
         sender = signal_when(submitting, delay=0.2)
         with pytest.raises(SoftTimeLimitExceeded):
@@ -339,7 +339,7 @@ def test_a_soft_time_limit_before_the_job_reached_the_loop_never_starts_it(
         sender.join()
         assert gate.is_set()
         rt._schedule = schedule
-        rt._cancel = cancel  # type: ignore[method-assign]
+        rt.cancel = cancel  # type: ignore[method-assign]
         assert rt.run(lambda runtime: runtime.run(tree.quick)) == "session"
         assert events == ["pool up", "session up", "session down"]  # the cancelled job never ran
     finally:
@@ -353,10 +353,10 @@ def test_a_job_cancelled_before_the_loop_picks_it_up_never_starts(anyio_backend:
     rt.start()
     try:
         assert rt.portal is not None
-        call = _Call()
-        rt._cancel(call)  # the task thread gave up first
-        with pytest.raises(_ProcessClosed, match="abandoned before it started"):
-            rt.portal.call(rt._host_call, lambda runtime: runtime.run(tree.quick), call)
+        call = Call()
+        rt.cancel(call)  # the task thread gave up first
+        with pytest.raises(ProcessClosed, match="abandoned before it started"):
+            rt.portal.call(rt.host_call, lambda runtime: runtime.run(tree.quick), call)
         assert call.done.is_set()
         assert events == []
     finally:
@@ -383,7 +383,7 @@ def test_closing_with_a_job_in_flight_cancels_it_and_tears_it_down_before_worker
     rt.close()
     took = time.monotonic() - started
     thread.join(30)
-    assert len(outcome) == 1 and isinstance(outcome[0], _ProcessClosed), outcome  # never reported success
+    assert len(outcome) == 1 and isinstance(outcome[0], ProcessClosed), outcome  # never reported success
     assert events == [
         "pool up",
         "session up",
@@ -393,9 +393,9 @@ def test_closing_with_a_job_in_flight_cancels_it_and_tears_it_down_before_worker
         "runtime closed",
     ]
     assert took < 20  # prompt: the job's 60 s sleep was cancelled
-    with pytest.raises(_ProcessClosed, match="not running"):
+    with pytest.raises(ProcessClosed, match="not running"):
         rt.run(lambda runtime: runtime.run(tree.quick))
-    with pytest.raises(_ProcessClosed, match="is closed"):
+    with pytest.raises(ProcessClosed, match="is closed"):
         rt.start()
     assert loop_threads() == []
 
@@ -444,7 +444,7 @@ def test_a_close_from_another_thread_while_the_loop_starts_waits_for_it_then_clo
     closer.join(30)
     assert events == ["runtime closed"]
     assert not rt.running
-    with pytest.raises(_ProcessClosed):
+    with pytest.raises(ProcessClosed):
         rt.start()
     assert loop_threads() == []
 
@@ -463,7 +463,7 @@ def test_a_close_from_a_signal_handler_during_start_closes_once_the_loop_is_up(
     rt = _ProcessRuntime(slow_runtime, anyio_backend)
     sigusr1.extend([rt.close, gate.set])  # as a shutdown signal handler would, mid-start
     sender = signal_when(entered)
-    with pytest.raises(_ProcessClosed, match="closed while starting"):
+    with pytest.raises(ProcessClosed, match="closed while starting"):
         rt.start()
     sender.join()
     assert events == ["runtime closed"]
@@ -516,7 +516,7 @@ def test_closing_a_runtime_that_never_started_makes_it_refuse_to_start(anyio_bac
     rt = process_runtime(anyio_backend, Events())
     rt.close()
     rt.close()
-    with pytest.raises(_ProcessClosed, match="is closed"):
+    with pytest.raises(ProcessClosed, match="is closed"):
         rt.start()
     assert loop_threads() == []
 

@@ -33,7 +33,8 @@ from structlog.testing import capture_logs
 from support import REDIS_URL, require_service
 
 from lifecycle import Depends, JobContext, LifecycleError, PayloadError, Reject, Retry, Runtime, dependency, job
-from lifecycle.dramatiq import DramatiqLifecycle, _ProcessClosed, _ProcessLoop
+from lifecycle._process_loop import ProcessClosed
+from lifecycle.dramatiq import DramatiqLifecycle, _ProcessLoop
 
 _AMQP = os.environ.get("LIFECYCLE_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
 # pika reads the default vhost "/" only percent-encoded (kombu's trailing "//" is "" to it).
@@ -541,7 +542,7 @@ def test_a_job_still_running_at_shutdown_is_cancelled_before_worker_scope_goes(a
     assert started.wait(30)
     loop.close()
     thread.join(30)
-    assert [type(e) for e in outcome] == [_ProcessClosed]
+    assert [type(e) for e in outcome] == [ProcessClosed]
     assert events == [
         "pool up",
         "session up",
@@ -549,9 +550,9 @@ def test_a_job_still_running_at_shutdown_is_cancelled_before_worker_scope_goes(a
         "session down, pool still pool",
         "pool down",
     ]
-    with pytest.raises(_ProcessClosed):
+    with pytest.raises(ProcessClosed):
         loop.start()  # a process never gets a second worker scope
-    with pytest.raises(_ProcessClosed):
+    with pytest.raises(ProcessClosed):
         loop.run(lambda rt: rt.run(hang))
     loop.close()  # idempotent
     assert not [t for t in threading.enumerate() if t.name == f"lifecycle-dramatiq-{os.getpid()}"]
