@@ -54,14 +54,15 @@ URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 # Seconds a child may take for one drain (the check's or a timed one) before it is
 # killed and its library reported as stuck.
-DRAIN_DEADLINE = 240
+DRAIN_DEADLINE = int(os.environ.get("BENCH_DRAIN_DEADLINE", "240"))
 
 # A drain: (concurrency, numbers to enqueue) -> Counter of the numbers processed, and
 # the seconds from the consumer's start to the last job done.
 Drain = Callable[[int, list[int]], Awaitable[tuple[Counter[int], float]]]
 
 
-async def _wait_for(done: Counter[int], total: int, deadline: float = 600) -> None:
+async def _wait_for(done: Counter[int], total: int, deadline: float = DRAIN_DEADLINE - 30) -> None:
+    # Shorter than the parent's deadline, so a stalled drain says how far it got.
     limit = time.monotonic() + deadline
     while sum(done.values()) < total:
         if time.monotonic() > limit:
@@ -304,7 +305,8 @@ def run(jobs: int, rounds: int, concurrencies: list[int], with_celery: bool) -> 
         celery = CeleryDrain(concurrency) if with_celery else None
         if celery is not None:
             drains["plain Celery (" + ("solo" if concurrency == 1 else "threads") + " pool)"] = celery
-        failed: dict[str, str] = {}
+        failed: dict[str, str] = {}  # failed the check: never timed
+        stalls: dict[str, list[str]] = {}  # timed rounds that failed, by library
         try:
             for name, drain in drains.items():  # correctness before timing
                 numbers = list(range(-1, -201, -1))
@@ -321,29 +323,33 @@ def run(jobs: int, rounds: int, concurrencies: list[int], with_celery: bool) -> 
                 order = list(rates)
                 random.Random(round_).shuffle(order)
                 for name in order:
-                    if name in failed:
-                        continue
                     numbers = list(range(jobs))
                     print(f"  round {round_}: {name}, concurrency {concurrency}", file=sys.stderr, flush=True)
                     try:
                         done, elapsed = drains[name](concurrency, numbers)
                     except Exception as exc:
-                        failed[name] = f"round {round_}: {type(exc).__name__}: {exc}"[:200]
+                        stalls.setdefault(name, []).append(f"round {round_}: {type(exc).__name__}: {exc}"[:200])
                         continue
                     if done != Counter(numbers):
-                        failed[name] = f"round {round_}: not every message once"
+                        stalls.setdefault(name, []).append(f"round {round_}: not every message once")
+                        continue
                     rates[name].append(jobs / elapsed)
         finally:
             if celery is not None:
                 celery.stop()
-        ours = statistics.median(rates[OURS]) if OURS in rates and OURS not in failed else None
+        ours = statistics.median(rates[OURS]) if rates.get(OURS) else None
         for name in drains:
-            if name in failed:
-                rows.append(f"| {name} | {concurrency} | not measured: {failed[name]} | - |")
+            if name in failed or not rates.get(name):
+                why = failed.get(name) or "; ".join(stalls.get(name, []))
+                rows.append(f"| {name} | {concurrency} | not measured: {why} | - |")
                 continue
             rate = statistics.median(rates[name])
             ratio = f"{ours / rate:.2f}" if ours else "-"
-            rows.append(f"| {name} | {concurrency} | {rate:,.0f} | {ratio} |")
+            # A round that failed is reported, never hidden: the median is of the others.
+            note = (
+                f" ({len(stalls[name])} of {rounds} rounds failed: {'; '.join(stalls[name])})" if name in stalls else ""
+            )
+            rows.append(f"| {name} | {concurrency} | {rate:,.0f}{note} | {ratio} |")
         for row in rows[-len(drains) :]:  # each concurrency's rows as soon as they are known
             print(row, flush=True)
     return rows
@@ -355,6 +361,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--concurrency", default="1,64", help="comma-separated")
     parser.add_argument("--no-celery", action="store_true", help="leave plain Celery out")
+    parser.add_argument("--only", help="comma-separated parts of library names to keep (e.g. lifecycle,taskiq)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one drain, in a child
     options = parser.parse_args()
     if options.child:
@@ -367,7 +374,13 @@ def main() -> None:
     )
     print("| library | concurrency | msg/s (median) | lifecycle (default) / this |\n|---|---:|---:|---:|")
     concurrencies = [int(c) for c in options.concurrency.split(",")]
-    run(options.jobs, options.rounds, concurrencies, not options.no_celery)
+    if options.only:
+        wanted = [part.strip().lower() for part in options.only.split(",")]
+        for name in list(CONSUMERS):
+            if not any(part in name.lower() for part in wanted):
+                del CONSUMERS[name]
+    with_celery = not options.no_celery and (not options.only or "celery" in options.only.lower())
+    run(options.jobs, options.rounds, concurrencies, with_celery)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,10 @@ class Worker:
         jobs: the jobs this worker runs, ``@job`` functions or plain callables; a
             message names one of them.
         concurrency: at most this many jobs run at once; the worker reads no more
-            messages than it has free slots for.
+            messages than it has free slots for. A job that succeeded frees its slot
+            while its acknowledgement is on the way, so the next read overlaps it; a
+            worker therefore holds at most ``2 * concurrency`` messages (running, or
+            done and being acknowledged).
         shutdown_grace: seconds in-flight jobs get to finish after ``stop()`` or
             cancellation before they are cancelled (their teardown still runs).
         teardown_timeout: seconds each dependency's teardown may take (None: no bound).
@@ -213,6 +216,9 @@ class Worker:
             "lease_lost": 0,
         }
         self._in_flight: dict[str, Delivery] = {}
+        # Of those, how many ran their job to success and are being acknowledged: they
+        # no longer hold a run slot (the next read overlaps their ack's round trip).
+        self._acking = 0
         self._lost: set[str] = set()  # ids whose lease another consumer took over
         self._stopping = False
         self._interruptible: CancelScope | None = None  # what stop() cancels: start-up or a read
@@ -407,7 +413,10 @@ class Worker:
         failures = 0
         while not self._stopping:
             self._read_turn = time.monotonic()
-            free = self.concurrency - len(self._in_flight)
+            held = len(self._in_flight)
+            # Free run slots, and never more messages held than twice the concurrency,
+            # however slowly acknowledgements go.
+            free = min(self.concurrency - (held - self._acking), 2 * self.concurrency - held)
             if free <= 0:
                 self._slot_free = event = anyio.Event()
                 self._reading_full = True
@@ -556,6 +565,10 @@ class Worker:
         except Exception as exc:
             await self._failed(job, delivery, exc)
         else:
+            # The job and its teardown are done: its slot is free for the next read,
+            # whose round trip then overlaps this acknowledgement's.
+            self._acking += 1
+            self._wake_slot()
             try:
                 acked = await self._settle(delivery, "ack", lambda: self.queue.ack(delivery))
             except CommitFailed as exc:
@@ -567,6 +580,8 @@ class Worker:
                     self.stats["succeeded"] += 1
                     if self.metrics is not None:
                         self.metrics.job_settled(job.name, "succeeded")
+            finally:
+                self._acking -= 1
 
     def _observe_delivery(self, delivery: Delivery) -> None:
         """Hand the attempt's span the message's trace context and attributes (this job's

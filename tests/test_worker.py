@@ -73,6 +73,43 @@ async def test_never_more_than_concurrency_in_flight_and_no_overfetch() -> None:
     assert max(overfetch) <= 5  # the worker stops reading while full
 
 
+async def test_an_acknowledgement_on_its_way_frees_the_slot_but_at_most_twice_concurrency_are_held() -> None:
+    """A succeeded job's ack overlaps the next read (one round trip less per message at
+    concurrency 1); acks that do not come back stop the reading at 2 x concurrency."""
+    started: list[int] = []
+    acks_may_finish = anyio.Event()
+
+    class SlowAcks(MemoryQueue):
+        async def ack(self, delivery: Delivery) -> bool:
+            await acks_may_finish.wait()
+            return await super().ack(delivery)
+
+    @job
+    async def record(n: int) -> None:
+        started.append(n)
+
+    queue = SlowAcks()
+    for n in range(5):
+        await queue.enqueue("record", {"n": n})
+    worker = Worker(queue, [record], concurrency=1, poll_interval=0.01)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            while len(started) < 2:
+                await anyio.sleep(0.005)
+            await anyio.sleep(0.1)  # time enough to read a third message, if it would
+            assert started == [0, 1]  # job 1 ran while job 0's ack was on its way
+            assert worker.in_flight == 2 and queue.in_flight == 2  # held: never more than 2 x 1
+            assert queue.acked == 0
+            acks_may_finish.set()
+            while len(queue):
+                await anyio.sleep(0.005)
+            worker.stop()
+    assert started == [0, 1, 2, 3, 4]
+    assert queue.acked == 5
+    assert worker.stats["succeeded"] == 5
+
+
 async def test_failures_are_retried_with_backoff_then_dead_lettered_with_details() -> None:
     attempts: list[int] = []
 
