@@ -75,7 +75,9 @@ def test_workers_killed_repeatedly_while_three_drain_10000_jobs(
     )
     assert workers.killed >= 10, "the drain finished before the faults: make it longer"
     assert lost == 0
-    assert duplicated <= workers.killed * concurrency  # only what the victims had in flight
+    # Only what the victims held: running jobs, and acknowledgements on their way while
+    # the next job ran (a worker holds at most twice its concurrency).
+    assert duplicated <= workers.killed * 2 * concurrency
     assert dead == []  # five deliveries to dying workers in a row would be "poison"; never here
     # No consumer of a dead worker is left holding anything (dead consumers without
     # pending entries are removed later, after a generous idle time).
