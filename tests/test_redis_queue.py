@@ -147,15 +147,17 @@ async def test_message_that_keeps_killing_its_consumers_is_dead_lettered(
 
     await make_queue(redis_url, stream).enqueue("fine", {})
     seen = []
+    # claim_idle well above a loaded machine's gaps between reads: a gap longer than half
+    # of it counts as a stall of this consumer and defers reclaiming (RedisStreamQueue).
     for n in range(3):  # three consumers took it and died without acknowledging
-        ghost = make_queue(redis_url, stream, consumer=f"ghost-{n}", claim_idle=0.05, claim_interval=0)
+        ghost = make_queue(redis_url, stream, consumer=f"ghost-{n}", claim_idle=0.5, claim_interval=0)
         with anyio.fail_after(10):
             while not (deliveries := await ghost.receive(1, 0.1)):
                 pass
         seen.append(deliveries[0].deliveries)
         await ghost.close()
     assert seen == [1, 2, 3]
-    queue = make_queue(redis_url, stream, claim_idle=0.05, claim_interval=0)
+    queue = make_queue(redis_url, stream, claim_idle=0.5, claim_interval=0)
 
     async def dead() -> bool:
         return bool(await redis.xlen(f"{stream}:dead"))
