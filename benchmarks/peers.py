@@ -7,7 +7,7 @@ plain Celery.
 
 Every library uses the same Redis (127.0.0.1:6379, or ``BENCH_REDIS_URL``) and keys
 of its own (a fresh uuid). Each drain runs in a fresh interpreter of its own
-(``peers.py --consumer NAME``), so no library's global state or event-loop policy can
+(``peers.py --child SPEC``, internal), so no library's global state or event-loop policy can
 touch another's, and a stuck one is killed at a deadline and reported, never hanging
 the run. arq pins ``redis<6`` while taskiq-redis and Celery's Redis transport need a
 newer redis-py, so arq runs from a virtualenv of its own, made on first use under
