@@ -609,3 +609,20 @@ def test_queue_init_creates_the_storage_idempotently_and_reports_a_bad_path(tmp_
     assert bad.exit_code == 1 and "unable to open database file" in bad.output
     unknown = runner.invoke(cli, ["queue", "init", "--queue", "carrier-pigeon://coop"])
     assert unknown.exit_code == 2 and "unknown scheme" in unknown.output
+
+
+@pytest.mark.anyio
+async def test_queues_opening_a_new_file_at_once_all_open(tmp_path: Path) -> None:
+    """Switching a fresh file to WAL can fail at once with "database is locked" while
+    another connection opens it (SQLite's busy handler is not called for it): racing
+    producers of a new queue hit that. Each open retries within ``busy_timeout``."""
+    for trial in range(40):
+        path = tmp_path / f"race-{trial}.db"
+        queues = [SqliteQueue(path) for _ in range(4)]
+        try:
+            async with anyio.create_task_group() as group:
+                for queue in queues:
+                    group.start_soon(queue.open)
+        finally:
+            for queue in queues:
+                await queue.close()

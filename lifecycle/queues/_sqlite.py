@@ -304,7 +304,7 @@ class SqliteQueue:
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
         try:
             conn.text_factory = bytes  # decoded here: text that is not UTF-8 must not raise in fetch
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = self._set_wal(conn)
             if mode.lower() not in (b"wal", b"memory"):
                 raise LifecycleError(
                     f"{self._where('open')}: SQLite refused WAL mode (journal_mode is {_text(mode)}); the queue "
@@ -336,6 +336,20 @@ class SqliteQueue:
             raise
         self._conn = conn
         return conn
+
+    def _set_wal(self, conn: sqlite3.Connection) -> Any:
+        """``PRAGMA journal_mode=WAL``, retried for up to ``busy_timeout``: while another
+        connection opens the same new file, the switch can fail at once with "database
+        is locked" (SQLite does not call its busy handler for it), which racing
+        producers of a fresh queue hit."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                return conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
 
     def _run(self, op: str, fn: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
         """Run ``fn`` with the connection, in one ``BEGIN IMMEDIATE`` transaction when
