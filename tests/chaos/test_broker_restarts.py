@@ -171,8 +171,8 @@ def test_broker_killed_and_restarted_mid_drain_loses_no_job(
         if isinstance(server, NatsServer) and all(executions[i] for i in range(JOBS)):
             # Known, not fixed yet: every job ran (none lost), but a nats-server killed -9
             # sometimes comes back holding acknowledged messages above its consumer's ack
-            # floor, which the sweep below the floor cannot remove (README, "Known
-            # limitations"). Reported as an expected failure, with the evidence.
+            # floor, which the sweep below the floor cannot remove
+            # (docs/limitations.md). Reported as an expected failure, with the evidence.
             workers.stop()
             pytest.xfail(f"nats-server kept acknowledged messages after kill -9 (0 lost): {exc}")
         raise AssertionError(f"{exc}\n{diagnosis(server, workers, name)}") from None
